@@ -1,0 +1,1 @@
+"""The auth service: PKCE flows, encrypted token store, single-flight refresh."""

@@ -1,0 +1,47 @@
+"""Domain errors of the auth service.
+
+Every failure a caller can see is one of these; the gRPC layer maps each class
+to exactly one status code (``keyrelay.auth.rpc.errors``) and anything else to
+``INTERNAL`` without leaking its text::
+
+    AuthError
+    ├── NotFound             -> NOT_FOUND           unknown flow, account, provider
+    ├── InvalidArgument      -> INVALID_ARGUMENT    malformed input, state mismatch
+    ├── FailedPrecondition   -> FAILED_PRECONDITION disconnected account, code refused
+    ├── Unavailable          -> UNAVAILABLE         token endpoint or Redis unreachable
+    ├── Unauthenticated      -> UNAUTHENTICATED     missing or unknown service token
+    └── PermissionDenied     -> PERMISSION_DENIED   role may not call this RPC
+
+Messages are written for the person who will read them: they say what went
+wrong and what to do, and they never contain a token.
+"""
+
+from __future__ import annotations
+
+
+class AuthError(Exception):
+    """Base of every error the auth service reports to its callers."""
+
+
+class NotFound(AuthError):
+    pass
+
+
+class InvalidArgument(AuthError):
+    pass
+
+
+class FailedPrecondition(AuthError):
+    pass
+
+
+class Unavailable(AuthError):
+    pass
+
+
+class Unauthenticated(AuthError):
+    pass
+
+
+class PermissionDenied(AuthError):
+    pass

@@ -1,0 +1,159 @@
+"""Server interceptors: caller authentication and the domain-error → status mapping.
+
+Both wrap the method handler that ``continuation`` returns, so the servicer
+never sees an unauthenticated call and never formats a status itself. An
+exception that is not an ``AuthError`` becomes ``INTERNAL`` with a fixed
+message: its text could carry anything and never reaches the caller.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+from grpc import aio
+
+from keyrelay.auth.core.errors import (
+    AuthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from keyrelay.config import Caller, Role
+
+log = logging.getLogger("keyrelay.auth.rpc")
+
+SERVICE: Final = "/keyrelay.auth.v1.AuthService/"
+GATEWAY_METHODS: Final = frozenset(SERVICE + m for m in ("GetToken", "GetAccount", "WatchEvents"))
+# Probes and tooling must work without a service token; neither reveals data.
+PUBLIC_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+STATUS_OF: Final[dict[type[AuthError], grpc.StatusCode]] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+Behaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Any]
+
+
+def status_of(error: AuthError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _wrap(handler: Handler, guard: Callable[[str], None] | None, method: str) -> Handler:
+    """Rebuilds ``handler`` with its behaviour run under ``guard`` and the error mapping."""
+
+    async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            if guard is not None:
+                guard_call(guard, context)
+            behaviour: Callable[..., Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
+            return await behaviour(request, context)
+        except AuthError as exc:
+            await context.abort(status_of(exc), str(exc))
+        except Exception:
+            if context.code() is not None:  # aborted on purpose by the behaviour
+                raise
+            log.exception("unexpected error", extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+    async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            if guard is not None:
+                guard_call(guard, context)
+            behaviour: Callable[..., AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+            async for item in behaviour(request, context):
+                yield item
+        except AuthError as exc:
+            await context.abort(status_of(exc), str(exc))
+        except Exception:
+            if context.code() is not None:
+                raise
+            log.exception("unexpected error", extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler  # client-streaming shapes are not used by AuthService
+
+
+def guard_call(guard: Callable[[str], None], context: aio.ServicerContext[Any, Any]) -> None:
+    metadata = context.invocation_metadata() or ()
+    header = ""
+    for key, value in metadata:
+        if key == "authorization":
+            header = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    guard(header)
+
+
+class CallerAuthenticator:
+    """Maps ``authorization: Bearer <token>`` to a role, comparing in constant time."""
+
+    def __init__(self, callers: Sequence[Caller]) -> None:
+        self._callers = [(c.role, c.token.encode()) for c in callers]
+
+    def role_of(self, header: str) -> Role:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(
+                "missing service token: send metadata 'authorization: Bearer <token>'"
+            )
+        presented = token.strip().encode()
+        role: Role | None = None
+        for candidate_role, secret in self._callers:
+            # Compare against every token so the timing does not reveal which matched.
+            if hmac.compare_digest(presented, secret) and role is None:
+                role = candidate_role
+        if role is None:
+            raise Unauthenticated("unknown service token")
+        return role
+
+    def guard_for(self, method: str) -> Callable[[str], None]:
+        def guard(header: str) -> None:
+            role = self.role_of(header)
+            if role != "admin" and method not in GATEWAY_METHODS:
+                raise PermissionDenied(f"role {role!r} may not call {method.rsplit('/', 1)[-1]}")
+
+        return guard
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    def __init__(self, authenticator: CallerAuthenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        return _wrap(handler, self._auth.guard_for(method), method)

@@ -1,0 +1,113 @@
+"""Builds and runs the auth service's gRPC server (``keyrelay auth serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from keyrelay.auth.provider_client import ProviderClient
+from keyrelay.auth.rpc.interceptors import AuthInterceptor, CallerAuthenticator
+from keyrelay.auth.rpc.servicer import AuthServicer
+from keyrelay.auth.service import AuthService, Timings
+from keyrelay.auth.store.crypto import TokenCipher
+from keyrelay.auth.store.redis_store import RedisStore
+from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.config import AuthConfig, TlsConfig
+
+log = logging.getLogger("keyrelay.auth.server")
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    port: int
+    service: AuthService
+    store: RedisStore
+    client: ProviderClient
+    health: health_aio.HealthServicer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.client.aclose()
+        await self.store.close()
+
+
+def timings_of(config: AuthConfig) -> Timings:
+    return Timings(
+        flow_ttl=config.flow_ttl_seconds,
+        skew=config.skew_seconds,
+        lock_ttl=config.lock_ttl_seconds,
+        refresh_deadline=config.refresh_deadline_seconds,
+        wait_for_refresh=config.wait_for_refresh_seconds,
+        backoff_base=config.refresh_backoff_base_seconds,
+        backoff_cap=config.refresh_backoff_cap_seconds,
+    )
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    key = Path(tls.key_file).read_bytes()
+    cert = Path(tls.cert_file).read_bytes()
+    ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+async def start_server(config: AuthConfig) -> RunningServer:
+    """Starts serving on ``config.listen`` (port 0 picks a free port; see ``.port``)."""
+    cipher = TokenCipher(config.encryption_keys)
+    store = RedisStore.from_url(
+        config.redis_url,
+        cipher,
+        prefix=config.key_prefix,
+        events_stream=config.events_stream,
+        events_maxlen=config.events_maxlen,
+    )
+    client = ProviderClient.create(config.token_timeout_seconds)
+    service = AuthService(store, config.providers, client, timings_of(config))
+    server = aio.server(
+        interceptors=[AuthInterceptor(CallerAuthenticator(config.callers))],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+    )
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(service), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    if config.tls is not None:
+        port = server.add_secure_port(config.listen, server_credentials(config.tls))
+    else:
+        port = server.add_insecure_port(config.listen)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("auth service listening", extra={"address": config.listen, "port": port})
+    return RunningServer(server, port, service, store, client, health)
+
+
+async def serve(config: AuthConfig) -> None:
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls")
+    await running.stop(grace=10.0)

@@ -1,0 +1,274 @@
+"""The ``keyrelay`` command.
+
+Service verbs (``auth serve``) load a TOML config; the people verbs
+(``connect``, ``disconnect``, ``accounts``) talk to a running auth service over
+gRPC with an admin service token, found in ``--token-file`` or
+``KEYRELAY_ADMIN_TOKEN``, at ``--auth`` or ``KEYRELAY_AUTH_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.server
+import os
+import queue
+import sys
+import threading
+import time
+import webbrowser
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+
+from keyrelay.auth.core.authorize import is_loopback_redirect
+from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.config import ConfigError, load_auth_config
+from keyrelay.logs import configure_logging
+
+DEFAULT_AUTH_ADDRESS = "127.0.0.1:50051"
+
+
+class CliError(Exception):
+    """A message for the person at the terminal; exit status 1."""
+
+
+# -- service verbs -----------------------------------------------------------
+
+
+def cmd_auth_serve(args: argparse.Namespace) -> int:
+    from keyrelay.auth.rpc.server import serve
+
+    path = args.config or os.environ.get("KEYRELAY_CONFIG")
+    if not path:
+        raise CliError("no config: pass --config FILE or set KEYRELAY_CONFIG")
+    config = load_auth_config(path, os.environ)
+    configure_logging(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+# -- people verbs ------------------------------------------------------------
+
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def _stub(args: argparse.Namespace) -> tuple[auth_pb2_grpc.AuthServiceStub, Metadata]:
+    token = os.environ.get("KEYRELAY_ADMIN_TOKEN", "")
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    if not token:
+        raise CliError("no admin token: set KEYRELAY_ADMIN_TOKEN or pass --token-file FILE")
+    address = args.auth or os.environ.get("KEYRELAY_AUTH_ADDRESS", DEFAULT_AUTH_ADDRESS)
+    if args.ca_file:
+        creds = grpc.ssl_channel_credentials(Path(args.ca_file).read_bytes())
+        channel = grpc.secure_channel(address, creds)
+    else:
+        channel = grpc.insecure_channel(address)
+    return auth_pb2_grpc.AuthServiceStub(channel), (("authorization", f"Bearer {token}"),)
+
+
+def _rpc_error(exc: grpc.RpcError) -> CliError:
+    code: grpc.StatusCode = exc.code()
+    details = exc.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+        return CliError(f"cannot reach the auth service: {details}")
+    return CliError(f"{code.name}: {details}")
+
+
+def _when(ts: int) -> str:
+    if not ts:
+        return "-"
+    left = ts - int(time.time())
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+    return f"{stamp} ({'in ' + str(left) + 's' if left >= 0 else 'expired'})"
+
+
+_STATUS_NAMES = {
+    auth_pb2.Account.CONNECTED: "connected",
+    auth_pb2.Account.DISCONNECTED: "disconnected",
+}
+
+
+def format_accounts(accounts: Sequence[auth_pb2.Account]) -> str:
+    rows = [("ACCOUNT", "STATUS", "PROVIDER", "TOKEN EXPIRES", "LAST ERROR")]
+    for a in accounts:
+        status = _STATUS_NAMES.get(a.status, "unknown")
+        note = a.last_error or (a.disconnect_reason if status == "disconnected" else "")
+        rows.append(
+            (a.account_id, status, a.provider, _when(a.access_token_expires_at), note or "-")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
+        for row in rows
+    )
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        reply = stub.ListAccounts(auth_pb2.ListAccountsRequest(), metadata=md, timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    print(format_accounts(reply.accounts) if reply.accounts else "no accounts yet")
+    return 0
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        account = stub.Disconnect(
+            auth_pb2.DisconnectRequest(account_id=args.account), metadata=md, timeout=30
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    print(f"{account.account_id}: disconnected")
+    return 0
+
+
+class _RedirectCatcher(http.server.BaseHTTPRequestHandler):
+    """Answers the provider's redirect on the loopback port and hands the URL over."""
+
+    inbox: queue.Queue[str]
+    path_expected: str
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path != self.path_expected:
+            self.send_error(404)
+            return
+        self.inbox.put(f"http://{self.headers.get('host', 'localhost')}{self.path}")
+        body = b"keyrelay: you can close this tab and return to the terminal.\n"
+        self.send_response(200)
+        self.send_header("content-type", "text/plain; charset=utf-8")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return  # the query string carries the code: keep it out of the terminal
+
+
+def _catch_redirect(redirect_uri: str, inbox: queue.Queue[str]) -> http.server.HTTPServer | None:
+    parts = urlsplit(redirect_uri)
+    handler = type(
+        "Catcher", (_RedirectCatcher,), {"inbox": inbox, "path_expected": parts.path or "/"}
+    )
+    try:
+        server = http.server.HTTPServer((parts.hostname or "127.0.0.1", parts.port or 80), handler)
+    except OSError as exc:
+        print(f"(cannot listen for the redirect on {parts.netloc}: {exc.strerror}; paste instead)")
+        return None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _read_paste(inbox: queue.Queue[str]) -> None:
+    line = sys.stdin.readline()
+    if line:
+        inbox.put(line)
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        flow = stub.StartFlow(
+            auth_pb2.StartFlowRequest(
+                account_id=args.account,
+                provider=args.provider,
+                redirect_uri=args.redirect_uri or "",
+            ),
+            metadata=md,
+            timeout=10,
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    redirect_uri = parse_qs(urlsplit(flow.authorize_url).query).get("redirect_uri", [""])[0]
+    inbox: queue.Queue[str] = queue.Queue()
+    catcher = _catch_redirect(redirect_uri, inbox) if is_loopback_redirect(redirect_uri) else None
+    print(f"Open this URL to grant access to {args.account}:\n\n  {flow.authorize_url}\n")
+    if args.open:
+        webbrowser.open(flow.authorize_url)
+    if catcher is not None:
+        print("Waiting for the redirect... (or paste the code / redirected URL and press Enter)")
+    else:
+        print("Then paste the code, or the whole URL you were redirected to, and press Enter:")
+    threading.Thread(target=_read_paste, args=(inbox,), daemon=True).start()
+    try:
+        pasted = inbox.get(timeout=max(1, flow.expires_at - time.time()))
+    except queue.Empty:
+        raise CliError("the flow expired before a code arrived; run connect again") from None
+    finally:
+        if catcher is not None:
+            catcher.shutdown()
+            catcher.server_close()
+    try:
+        account = stub.SubmitCode(
+            auth_pb2.SubmitCodeRequest(flow_id=flow.flow_id, code=pasted.strip()),
+            metadata=md,
+            timeout=60,
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    scopes = " ".join(account.scopes) or "-"
+    print(f"{account.account_id}: connected to {account.provider} (scopes: {scopes})")
+    return 0
+
+
+# -- wiring ------------------------------------------------------------------
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auth", help=f"auth service address (default {DEFAULT_AUTH_ADDRESS})")
+    parser.add_argument("--token-file", help="file holding the admin service token")
+    parser.add_argument("--ca-file", help="CA bundle when the auth service uses TLS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyrelay", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    auth = verbs.add_parser("auth", help="the auth service")
+    auth_verbs = auth.add_subparsers(dest="auth_verb", required=True)
+    serve = auth_verbs.add_parser("serve", help="run the auth service (gRPC)")
+    serve.add_argument("--config", help="TOML config (default: $KEYRELAY_CONFIG)")
+    serve.set_defaults(func=cmd_auth_serve)
+
+    connect = verbs.add_parser("connect", help="connect an account through OAuth + PKCE")
+    connect.add_argument("account")
+    connect.add_argument("--provider", required=True)
+    connect.add_argument("--redirect-uri", help="one of the provider's allowed redirect URIs")
+    connect.add_argument("--open", action="store_true", help="open the URL in a browser")
+    _add_client_flags(connect)
+    connect.set_defaults(func=cmd_connect)
+
+    disconnect = verbs.add_parser("disconnect", help="revoke and forget an account's tokens")
+    disconnect.add_argument("account")
+    _add_client_flags(disconnect)
+    disconnect.set_defaults(func=cmd_disconnect)
+
+    accounts = verbs.add_parser("accounts", help="list accounts")
+    _add_client_flags(accounts)
+    accounts.set_defaults(func=cmd_accounts)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, ConfigError) as exc:
+        print(f"keyrelay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Configuration: one TOML file per service, secrets from the environment or files.
+
+A bad config fails at start with a message naming the key and the problem
+(``ConfigError("auth.skew_seconds: must be a number >= 0, got 'soon'")``).
+Parsing is pure: it takes the parsed TOML, the environment and a file reader,
+so every malformed form is a unit test.
+
+Secrets are never written inline. A secret field is a table naming where the
+secret lives, ``{ env = "VAR" }`` or ``{ file = "/run/secrets/name" }`` (a
+Kubernetes Secret mounted as a file); the file's trailing newline is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
+
+ReadFile = Callable[[str], str]
+Role = Literal["gateway", "admin"]
+ROLES: tuple[Role, ...] = ("gateway", "admin")
+TokenAuthMethod = Literal["none", "client_secret_basic", "client_secret_post"]
+TOKEN_AUTH_METHODS: tuple[TokenAuthMethod, ...] = (
+    "none",
+    "client_secret_basic",
+    "client_secret_post",
+)
+DEFAULT_ENCRYPTION_KEYS_ENV = "KEYRELAY_ENCRYPTION_KEYS"
+PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class ConfigError(Exception):
+    """A config value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionKey:
+    kid: str
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    role: Role
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    authorize_url: str
+    token_url: str
+    client_id: str
+    redirect_uris: tuple[str, ...]
+    scopes: tuple[str, ...] = ()
+    revoke_url: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    token_auth_method: TokenAuthMethod = "none"
+    authorize_params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    encryption_keys: tuple[EncryptionKey, ...]
+    callers: tuple[Caller, ...]
+    providers: Mapping[str, ProviderConfig]
+    listen: str = "127.0.0.1:50051"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "keyrelay:"
+    events_stream: str = "keyrelay:events"
+    events_maxlen: int = 100_000
+    flow_ttl_seconds: float = 600.0
+    skew_seconds: float = 30.0
+    lock_ttl_seconds: float = 10.0
+    refresh_deadline_seconds: float = 30.0
+    wait_for_refresh_seconds: float = 35.0
+    token_timeout_seconds: float = 10.0
+    refresh_backoff_base_seconds: float = 1.0
+    refresh_backoff_cap_seconds: float = 60.0
+    log_level: str = "info"
+    tls: TlsConfig | None = None
+
+
+def read_text_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+
+
+class _Section:
+    """Typed access to one TOML table, with errors that name the dotted key."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: must be a table")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def _get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name)
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self._get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(f"{self.key(name)}: required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.key(name)}: must be a non-empty string, got {value!r}")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        return None if self.data.get(name) is None else self.string(name)
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"{self.key(name)}: must be a number >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{self.key(name)}: must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def strings(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+        value = self._get(name)
+        if value is None:
+            return tuple(default)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self.key(name)}: must be a list of non-empty strings")
+        return tuple(value)
+
+    def table(self, name: str) -> _Section:
+        value = self._get(name)
+        return _Section({} if value is None else value, self.key(name))
+
+    def tables(self, name: str) -> list[_Section]:
+        value = self._get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{self.key(name)}: must be an array of tables ([[{self.key(name)}]])"
+            )
+        return [_Section(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def resolve_secret(
+    section: _Section, name: str, env: Mapping[str, str], read_file: ReadFile
+) -> str | None:
+    """Reads the secret that ``section.name`` points at; None when the key is absent."""
+    raw = section.data.get(name)
+    section.used.add(name)
+    if raw is None:
+        return None
+    key = section.key(name)
+    if not isinstance(raw, Mapping) or set(raw) not in ({"env"}, {"file"}):
+        raise ConfigError(
+            f'{key}: a secret must be {{ env = "VAR" }} or {{ file = "/path" }}, never inline'
+        )
+    if "env" in raw:
+        var = raw["env"]
+        if not isinstance(var, str) or not var:
+            raise ConfigError(f"{key}.env: must name an environment variable")
+        value = env.get(var)
+        if not value:
+            raise ConfigError(f"{key}: environment variable {var} is not set or empty")
+        return value
+    path = raw["file"]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}.file: must be a file path")
+    try:
+        value = read_file(path).rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+    if not value:
+        raise ConfigError(f"{key}: file {path!r} is empty")
+    return value
+
+
+def parse_encryption_keys(value: str, source: str) -> tuple[EncryptionKey, ...]:
+    """``kid:base64key,...``: the first key encrypts, all of them decrypt."""
+    keys: list[EncryptionKey] = []
+    for index, item in enumerate(part.strip() for part in value.split(",")):
+        where = f"{source}: entry {index + 1}"
+        kid, sep, encoded = item.partition(":")
+        if not sep or not KEY_ID.match(kid):
+            raise ConfigError(f"{where}: expected kid:base64key with kid of [A-Za-z0-9_-]{{1,32}}")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where} ({kid}): key is not valid base64") from None
+        if len(key) != 32:
+            raise ConfigError(f"{where} ({kid}): key must be 32 bytes (AES-256), got {len(key)}")
+        if any(k.kid == kid for k in keys):
+            raise ConfigError(f"{where}: key id {kid!r} appears twice")
+        keys.append(EncryptionKey(kid, key))
+    return tuple(keys)
+
+
+def _check_url(section: _Section, name: str, value: str, *, allow_http: bool = True) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise ConfigError(f"{section.key(name)}: must be an http(s) URL, got {value!r}")
+    if not allow_http and parts.scheme != "https":
+        raise ConfigError(f"{section.key(name)}: must be https")
+    return value
+
+
+def _parse_provider(
+    name: str, section: _Section, env: Mapping[str, str], read_file: ReadFile
+) -> ProviderConfig:
+    if not PROVIDER_NAME.match(name):
+        raise ConfigError(f"{section.path}: provider names are [a-z0-9_-], up to 63 chars")
+    secret = resolve_secret(section, "client_secret", env, read_file)
+    default_method: TokenAuthMethod = "client_secret_basic" if secret else "none"
+    method = section.string("token_auth_method", default_method)
+    if method not in TOKEN_AUTH_METHODS:
+        raise ConfigError(
+            f"{section.key('token_auth_method')}: must be one of {', '.join(TOKEN_AUTH_METHODS)}"
+        )
+    if method != "none" and not secret:
+        raise ConfigError(f"{section.key('client_secret')}: required by {method}")
+    redirect_uris = section.strings("redirect_uris")
+    if not redirect_uris:
+        raise ConfigError(f"{section.key('redirect_uris')}: at least one redirect URI is required")
+    for uri in redirect_uris:
+        _check_url(section, "redirect_uris", uri)
+    params = section.table("authorize_params")
+    extra: list[tuple[str, str]] = []
+    for key, value in params.data.items():
+        if key in RESERVED_AUTHORIZE_PARAMS:
+            raise ConfigError(f"{params.key(key)}: set by keyrelay itself, cannot be overridden")
+        if not isinstance(value, str):
+            raise ConfigError(f"{params.key(key)}: must be a string")
+        extra.append((key, value))
+    revoke_url = section.optional_string("revoke_url")
+    provider = ProviderConfig(
+        name=name,
+        authorize_url=_check_url(section, "authorize_url", section.string("authorize_url")),
+        token_url=_check_url(section, "token_url", section.string("token_url")),
+        revoke_url=_check_url(section, "revoke_url", revoke_url) if revoke_url else None,
+        client_id=section.string("client_id"),
+        client_secret=secret,
+        token_auth_method=method,
+        scopes=section.strings("scopes"),
+        redirect_uris=redirect_uris,
+        authorize_params=tuple(extra),
+    )
+    section.reject_unknown()
+    return provider
+
+
+def parse_auth_config(
+    data: Mapping[str, Any], env: Mapping[str, str], read_file: ReadFile = read_text_file
+) -> AuthConfig:
+    root = _Section(data, "")
+    auth = root.table("auth")
+    keys_value = resolve_secret(auth, "encryption_keys", env, read_file)
+    keys_source = auth.key("encryption_keys")
+    if keys_value is None:
+        keys_value = env.get(DEFAULT_ENCRYPTION_KEYS_ENV)
+        keys_source = DEFAULT_ENCRYPTION_KEYS_ENV
+        if not keys_value:
+            raise ConfigError(
+                f"auth.encryption_keys: not configured and {DEFAULT_ENCRYPTION_KEYS_ENV} is not "
+                "set; generate one with: python -c 'import base64,os; "
+                'print("k1:" + base64.b64encode(os.urandom(32)).decode())\''
+            )
+    callers: list[Caller] = []
+    for caller in auth.tables("callers"):
+        role = caller.string("role")
+        if role not in ROLES:
+            raise ConfigError(f"{caller.key('role')}: must be one of {', '.join(ROLES)}")
+        token = resolve_secret(caller, "token", env, read_file)
+        if token is None:
+            raise ConfigError(f"{caller.key('token')}: required")
+        if len(token) < 16:
+            raise ConfigError(f"{caller.key('token')}: service tokens need at least 16 characters")
+        caller.reject_unknown()
+        callers.append(Caller(role, token))
+    if not callers:
+        raise ConfigError("auth.callers: at least one [[auth.callers]] entry is required")
+    tls_section = auth.table("tls")
+    tls = None
+    if tls_section.data:
+        tls = TlsConfig(
+            cert_file=tls_section.string("cert_file"),
+            key_file=tls_section.string("key_file"),
+            client_ca_file=tls_section.optional_string("client_ca_file"),
+        )
+        tls_section.reject_unknown()
+    prefix = auth.string("key_prefix", "keyrelay:")
+    lock_ttl = auth.number("lock_ttl_seconds", 10.0, minimum=0.1)
+    refresh_deadline = auth.number("refresh_deadline_seconds", 30.0, minimum=0.1)
+    token_timeout = auth.number("token_timeout_seconds", 10.0, minimum=0.1)
+    if token_timeout > refresh_deadline:
+        raise ConfigError(
+            "auth.token_timeout_seconds: must not exceed auth.refresh_deadline_seconds"
+        )
+    providers_section = root.table("providers")
+    providers = {
+        name: _parse_provider(name, providers_section.table(name), env, read_file)
+        for name in providers_section.data
+    }
+    config = AuthConfig(
+        encryption_keys=parse_encryption_keys(keys_value, keys_source),
+        callers=tuple(callers),
+        providers=providers,
+        listen=auth.string("listen", "127.0.0.1:50051"),
+        redis_url=_redis_url(auth, env, read_file),
+        key_prefix=prefix,
+        events_stream=auth.string("events_stream", f"{prefix}events"),
+        events_maxlen=auth.integer("events_maxlen", 100_000, minimum=100),
+        flow_ttl_seconds=auth.number("flow_ttl_seconds", 600.0, minimum=10),
+        skew_seconds=auth.number("skew_seconds", 30.0),
+        lock_ttl_seconds=lock_ttl,
+        refresh_deadline_seconds=refresh_deadline,
+        wait_for_refresh_seconds=auth.number(
+            "wait_for_refresh_seconds", refresh_deadline + 5.0, minimum=0.1
+        ),
+        token_timeout_seconds=token_timeout,
+        refresh_backoff_base_seconds=auth.number("refresh_backoff_base_seconds", 1.0, minimum=0.01),
+        refresh_backoff_cap_seconds=auth.number("refresh_backoff_cap_seconds", 60.0, minimum=0.01),
+        log_level=auth.string("log_level", "info").lower(),
+        tls=tls,
+    )
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("auth.log_level: must be one of debug, info, warning, error")
+    auth.reject_unknown()
+    root.reject_unknown()
+    return config
+
+
+def _redis_url(auth: _Section, env: Mapping[str, str], read_file: ReadFile) -> str:
+    # The URL may carry a password, so it may come from a secret instead of inline.
+    secret = resolve_secret(auth, "redis_url_secret", env, read_file)
+    url = secret or auth.string("redis_url", "redis://127.0.0.1:6379/0")
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("auth.redis_url: must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
+def load_auth_config(path: str, env: Mapping[str, str]) -> AuthConfig:
+    return parse_auth_config(load_toml(path), env)
