@@ -51,6 +51,12 @@ def cmd_auth_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from keyrelay.dev import run_dev
+
+    return run_dev(Path(args.state_dir), args.auth_port)
+
+
 # -- people verbs ------------------------------------------------------------
 
 
@@ -237,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = auth_verbs.add_parser("serve", help="run the auth service (gRPC)")
     serve.add_argument("--config", help="TOML config (default: $KEYRELAY_CONFIG)")
     serve.set_defaults(func=cmd_auth_serve)
+
+    dev = verbs.add_parser("dev", help="run the whole stack locally (Redis, auth service)")
+    dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")
+    dev.add_argument("--auth-port", type=int, default=50051)
+    dev.set_defaults(func=cmd_dev)
 
     connect = verbs.add_parser("connect", help="connect an account through OAuth + PKCE")
     connect.add_argument("account")

@@ -1,0 +1,117 @@
+"""``keyrelay dev`` brings the local stack up, reuses its secrets, and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from tests.support.redis_server import free_port
+
+
+def start_dev(state_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "keyrelay",
+            "dev",
+            "--state-dir",
+            str(state_dir),
+            "--auth-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        assert line, f"keyrelay dev exited: {process.stderr.read() if process.stderr else ''}"
+        if "Ctrl-C stops everything" in line:
+            return process
+    raise AssertionError("keyrelay dev never reported that it is running")
+
+
+def list_accounts(port: int, token: str) -> auth_pb2.ListAccountsResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply: auth_pb2.ListAccountsResponse = auth_pb2_grpc.AuthServiceStub(channel).ListAccounts(
+            auth_pb2.ListAccountsRequest(),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+        return reply
+
+
+def stop(process: subprocess.Popen[str]) -> int:
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=30)
+    if process.stdout:
+        process.stdout.close()
+    if process.stderr:
+        process.stderr.close()
+    return code
+
+
+def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = free_port()
+    process = start_dev(state, port)
+    try:
+        token_file = state / "secrets" / "admin_token"
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert list(list_accounts(port, token).accounts) == []
+    finally:
+        assert stop(process) == 0
+    # Stopped means stopped: nothing listens any more.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=1)
+            raise AssertionError("the auth service still listens after Ctrl-C")
+        except grpc.FutureTimeoutError:
+            pass
+
+    again = start_dev(state, port)
+    try:
+        assert (state / "secrets" / "admin_token").read_text().strip() == token
+        assert list(list_accounts(port, token).accounts) == []
+    finally:
+        assert stop(again) == 0
+
+
+def test_dev_with_a_broken_providers_file_names_the_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "providers.toml").write_text('[providers.x]\nauthorize_url = "ftp://nope"\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyrelay",
+            "dev",
+            "--state-dir",
+            str(state),
+            "--auth-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "providers.x." in result.stderr
+    assert "Traceback" not in result.stderr
