@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc import aio
 
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.integration.test_auth_flow import connect
+from tests.support.events import EventWatcher
 from tests.support.oidc import OidcServer
 from tests.support.redis_server import RedisServer
 from tests.support.stack import (
@@ -29,6 +31,7 @@ from tests.support.stack import (
 )
 
 pytestmark = pytest.mark.slow
+EV = auth_pb2.AccountEvent
 
 HERD_TTL = 4  # seconds of access-token life at the provider for the herd test
 
@@ -232,3 +235,37 @@ async def test_sigterm_stops_gracefully(
     assert replica.process is not None
     assert replica.process.wait(timeout=15) == 0
     assert "shutting down" in replica.log()
+
+
+async def test_revocation_seen_by_every_replica_disconnects_exactly_once(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    oidc: OidcServer,
+    prefix: str,
+    replica_set: list[ReplicaProcess],
+) -> None:
+    replica_set += start_replicas(tmp_path, 3, redis_server.url, oidc, prefix)
+    channels = Channels(replica_set)
+    first = await connect(channels.stubs[0], "gone", login="gone-user")
+    watcher = EventWatcher(channels.stubs[2])
+    await watcher.wait_for(lambda _: len(watcher.of("gone", EV.CONNECTED)) == 1)
+    assert oidc.revoke_user("gone-user") >= 1
+    calls = [
+        channels.stubs[i % 3].GetToken(
+            auth_pb2.GetTokenRequest(account_id="gone", stale_generation=first.generation),
+            metadata=gateway_md(),
+            timeout=30,
+        )
+        for i in range(90)
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, aio.AioRpcError), result
+        assert result.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "keyrelay connect gone --provider testidp" in (result.details() or "")
+    await watcher.wait_for(lambda _: len(watcher.of("gone", EV.DISCONNECTED)) == 1)
+    await asyncio.sleep(0.5)  # room for a wrong second event to arrive
+    assert len(watcher.of("gone", EV.DISCONNECTED)) == 1
+    assert watcher.of("gone", EV.REFRESHED) == []
+    await watcher.close()
+    await channels.close()
