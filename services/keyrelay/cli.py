@@ -51,6 +51,29 @@ def cmd_auth_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway_serve(args: argparse.Namespace) -> int:
+    from keyrelay.config import load_gateway_config
+    from keyrelay.gateway.server import serve
+
+    path = args.config or os.environ.get("KEYRELAY_CONFIG")
+    if not path:
+        raise CliError("no config: pass --config FILE or set KEYRELAY_CONFIG")
+    config = load_gateway_config(path, os.environ)
+    configure_logging(config.log_level)
+    serve(config)
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from keyrelay.gateway.keys import config_entry, new_key
+
+    key = new_key()
+    print(f"gateway key (shown once; give it to the client as its API key):\n\n  {key}\n")
+    print("add this to the gateway config:\n")
+    print(config_entry(key, account=args.account, name=args.name or args.account))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyrelay.dev import run_dev
 
@@ -243,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = auth_verbs.add_parser("serve", help="run the auth service (gRPC)")
     serve.add_argument("--config", help="TOML config (default: $KEYRELAY_CONFIG)")
     serve.set_defaults(func=cmd_auth_serve)
+
+    gateway = verbs.add_parser("gateway", help="the gateway worker")
+    gateway_verbs = gateway.add_subparsers(dest="gateway_verb", required=True)
+    gateway_serve = gateway_verbs.add_parser("serve", help="run a gateway worker (HTTP)")
+    gateway_serve.add_argument("--config", help="TOML config (default: $KEYRELAY_CONFIG)")
+    gateway_serve.set_defaults(func=cmd_gateway_serve)
+
+    keys = verbs.add_parser("keys", help="gateway keys")
+    keys_verbs = keys.add_subparsers(dest="keys_verb", required=True)
+    keys_new = keys_verbs.add_parser("new", help="mint a gateway key and print its config entry")
+    keys_new.add_argument("--account", default="ACCOUNT", help="account the key routes to")
+    keys_new.add_argument("--name", help="label for logs and metrics (default: the account)")
+    keys_new.set_defaults(func=cmd_keys_new)
 
     dev = verbs.add_parser("dev", help="run the whole stack locally (Redis, auth service)")
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
+from keyrelay.gateway.core.request_transform import Profile
+from keyrelay.gateway.core.usage import Price, PriceTable
 
 ReadFile = Callable[[str], str]
 Role = Literal["gateway", "admin"]
@@ -81,7 +84,8 @@ class AuthConfig:
     callers: tuple[Caller, ...]
     providers: Mapping[str, ProviderConfig]
     listen: str = "127.0.0.1:50051"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # May carry a password (see ``redis_url_secret``), so it stays out of repr().
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "keyrelay:"
     events_stream: str = "keyrelay:events"
     events_maxlen: int = 100_000
@@ -145,7 +149,12 @@ class _Section:
         value = self._get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)  # TOML allows nan and inf; neither is a duration
+            or value < minimum
+        ):
             raise ConfigError(f"{self.key(name)}: must be a number >= {minimum:g}, got {value!r}")
         return float(value)
 
@@ -213,6 +222,8 @@ def resolve_secret(
         value = read_file(path).rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: file {path!r} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{key}: file {path!r} is empty")
     return value
@@ -375,11 +386,215 @@ def parse_auth_config(
 def _redis_url(auth: _Section, env: Mapping[str, str], read_file: ReadFile) -> str:
     # The URL may carry a password, so it may come from a secret instead of inline.
     secret = resolve_secret(auth, "redis_url_secret", env, read_file)
+    if secret is not None and auth.data.get("redis_url") is not None:
+        raise ConfigError("auth.redis_url: set either redis_url or redis_url_secret, not both")
     url = secret or auth.string("redis_url", "redis://127.0.0.1:6379/0")
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("auth.redis_url: must be a redis://, rediss:// or unix:// URL")
+        key = auth.key("redis_url_secret" if secret is not None else "redis_url")
+        raise ConfigError(f"{key}: must be a redis://, rediss:// or unix:// URL")
     return url
 
 
 def load_auth_config(path: str, env: Mapping[str, str]) -> AuthConfig:
     return parse_auth_config(load_toml(path), env)
+
+
+# -- gateway -------------------------------------------------------------------
+
+Mode = Literal["oauth", "api_key", "auto"]
+MODES: tuple[Mode, ...] = ("oauth", "api_key", "auto")
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 600.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one gateway key maps to. ``api_key`` is the upstream key, never the gateway key."""
+
+    name: str
+    account: str | None
+    mode: Mode
+    profile_name: str
+    profile: Profile
+    upstream: UpstreamConfig
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthClientConfig:
+    target: str
+    token: str = field(repr=False)
+    timeout_seconds: float = 40.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    routes: Mapping[str, Route]  # by key hash, "sha256:<hex>"
+    auth: AuthClientConfig | None
+    prices: PriceTable
+    listen: str = "127.0.0.1:8080"
+    max_request_bytes: int = 10 << 20
+    max_event_bytes: int = 1 << 20
+    token_skew_seconds: float = 30.0
+    log_level: str = "info"
+
+
+def _parse_profile(name: str, section: _Section) -> Profile:
+    set_headers = section.table("set_headers")
+    query = section.table("query")
+    for table in (set_headers, query):
+        for key, value in table.data.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{table.key(key)}: must be a string")
+    try:
+        profile = Profile(
+            betas=section.strings("betas"),
+            strip_headers=section.strings("strip_headers"),
+            set_headers=tuple(set_headers.data.items()),
+            query=tuple(query.data.items()),
+            system_preamble=section.optional_string("system_preamble"),
+            tool_prefix=section.optional_string("tool_prefix"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{section.path}: {exc}") from None
+    section.reject_unknown()
+    return profile
+
+
+def _parse_upstream(name: str, section: _Section) -> UpstreamConfig:
+    url = _check_url(section, "url", section.string("url")).rstrip("/")
+    upstream = UpstreamConfig(
+        name=name,
+        url=url,
+        connect_timeout_seconds=section.number("connect_timeout_seconds", 10.0, minimum=0.1),
+        read_timeout_seconds=section.number("read_timeout_seconds", 600.0, minimum=0.1),
+        max_connections=section.integer("max_connections", 256, minimum=1),
+    )
+    section.reject_unknown()
+    return upstream
+
+
+def _parse_prices(section: _Section) -> PriceTable:
+    prices: list[tuple[str, Price]] = []
+    for model in section.data:
+        entry = section.table(model)
+        if "input" not in entry.data or "output" not in entry.data:
+            raise ConfigError(
+                f"{entry.path}: input and output prices (USD per million tokens) are required"
+            )
+        optional = {
+            name: entry.number(name, 0.0) if name in entry.data else None
+            for name in ("cache_creation", "cache_read")
+        }
+        price = Price(
+            input=entry.number("input", 0.0),
+            output=entry.number("output", 0.0),
+            cache_creation=optional["cache_creation"],
+            cache_read=optional["cache_read"],
+        )
+        entry.reject_unknown()
+        prices.append((model, price))
+    try:
+        return PriceTable(prices)
+    except ValueError as exc:
+        raise ConfigError(f"prices: {exc}") from None
+
+
+def parse_gateway_config(
+    data: Mapping[str, Any], env: Mapping[str, str], read_file: ReadFile = read_text_file
+) -> GatewayConfig:
+    root = _Section(data, "")
+    gateway = root.table("gateway")
+    auth_section = gateway.table("auth")
+    auth: AuthClientConfig | None = None
+    if auth_section.data:
+        token = resolve_secret(auth_section, "token", env, read_file)
+        if token is None:
+            raise ConfigError(f"{auth_section.key('token')}: required")
+        auth = AuthClientConfig(
+            target=auth_section.string("target"),
+            token=token,
+            timeout_seconds=auth_section.number("timeout_seconds", 40.0, minimum=0.1),
+            ca_file=auth_section.optional_string("ca_file"),
+            cert_file=auth_section.optional_string("cert_file"),
+            key_file=auth_section.optional_string("key_file"),
+        )
+        auth_section.reject_unknown()
+    profiles_section = root.table("profiles")
+    profiles = {"default": Profile()}
+    for name in profiles_section.data:
+        profiles[name] = _parse_profile(name, profiles_section.table(name))
+    upstreams_section = root.table("upstreams")
+    upstreams = {
+        name: _parse_upstream(name, upstreams_section.table(name))
+        for name in upstreams_section.data
+    }
+    routes: dict[str, Route] = {}
+    for index, key in enumerate(root.tables("keys")):
+        key_hash = key.string("hash").lower()
+        if not KEY_HASH.match(key_hash):
+            raise ConfigError(
+                f"{key.key('hash')}: must be sha256:<64 hex digits> (`keyrelay keys new` prints it)"
+            )
+        if key_hash in routes:
+            raise ConfigError(f"{key.key('hash')}: the same key hash appears twice")
+        mode = key.string("mode", "oauth")
+        if mode not in MODES:
+            raise ConfigError(f"{key.key('mode')}: must be one of {', '.join(MODES)}")
+        account = key.optional_string("account")
+        if mode != "api_key" and account is None:
+            raise ConfigError(f"{key.key('account')}: required for mode {mode!r}")
+        api_key = resolve_secret(key, "api_key", env, read_file)
+        if mode == "api_key" and api_key is None:
+            raise ConfigError(
+                f"{key.key('api_key')}: mode 'api_key' needs an upstream key, named explicitly "
+                '({ env = "VAR" } or { file = "/path" })'
+            )
+        profile_name = key.string("profile", "default")
+        if profile_name not in profiles:
+            raise ConfigError(f"{key.key('profile')}: no [profiles.{profile_name}]")
+        upstream_name = key.string("upstream", "default")
+        if upstream_name not in upstreams:
+            raise ConfigError(f"{key.key('upstream')}: no [upstreams.{upstream_name}]")
+        if mode != "api_key" and auth is None:
+            raise ConfigError(f"gateway.auth: required by {key.path} (mode {mode!r})")
+        routes[key_hash] = Route(
+            name=key.string("name", f"key{index}"),
+            account=account,
+            mode=mode,
+            profile_name=profile_name,
+            profile=profiles[profile_name],
+            upstream=upstreams[upstream_name],
+            api_key=api_key,
+        )
+        key.reject_unknown()
+    config = GatewayConfig(
+        routes=routes,
+        auth=auth,
+        prices=_parse_prices(root.table("prices")),
+        listen=gateway.string("listen", "127.0.0.1:8080"),
+        max_request_bytes=gateway.integer("max_request_bytes", 10 << 20, minimum=1024),
+        max_event_bytes=gateway.integer("max_event_bytes", 1 << 20, minimum=1024),
+        token_skew_seconds=gateway.number("token_skew_seconds", 30.0),
+        log_level=gateway.string("log_level", "info").lower(),
+    )
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("gateway.log_level: must be one of debug, info, warning, error")
+    gateway.reject_unknown()
+    root.reject_unknown()
+    return config
+
+
+def load_gateway_config(path: str, env: Mapping[str, str]) -> GatewayConfig:
+    return parse_gateway_config(load_toml(path), env)

@@ -1,0 +1,1 @@
+"""The gateway worker: a stateless Messages API proxy with stream-safe transforms."""

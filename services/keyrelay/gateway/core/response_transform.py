@@ -1,0 +1,291 @@
+"""Response transforms: tool names mapped back, usage read. No I/O.
+
+Only two JSON paths are ever rewritten (DESIGN §2.1): ``content[i].name`` of a
+``tool_use`` block in a JSON message, and ``content_block.name`` of a
+``content_block_start`` event whose block is ``tool_use``. A ``"name"`` inside a
+tool's input, a text, or an ``input_json_delta`` is never looked at. Names go
+back through the request's own ``ToolNameTable``.
+
+JSON (``inspect_response_json`` / ``transform_response_json``)
+    The body is parsed once, for the usage and the names. Error bodies, bodies
+    that are not JSON objects and bodies with nothing to rename are returned as
+    the very same ``bytes`` object; a renamed body is re-serialised compactly.
+
+SSE (``StreamTransformer``)
+    ``feed(chunk) -> bytes`` returns the bytes to send to the client now:
+    every event completed by the chunk, in order, each the moment its blank line
+    arrives. The fast path never looks at single events: the decoder hands over
+    the completed events as one span (``SSEDecoder.feed_span``), and when the
+    span contains none of the names of the events worth reading (``message_``,
+    plus ``content_block_start`` when there is a tool table) it is forwarded as
+    it is. Otherwise it is cut into events, told apart by their ``event`` field
+    (``event_type``, never by decoding their data):
+
+    - ``content_block_start``: parsed only when there is a tool table; rewritten
+      (re-encoded with LF line ends, ``event``/``id``/``retry`` kept, comments
+      dropped) only if its ``content_block`` is a ``tool_use`` whose name maps
+      to a different client name. An event whose data is not JSON is forwarded
+      as it is.
+    - ``message_start`` / ``message_delta``: their data is parsed for usage and
+      the model (``UsageTracker``); their bytes are forwarded untouched.
+    - everything else (``content_block_delta``, ``ping``, ``error``, comments,
+      unknown events): forwarded byte-for-byte, unread.
+
+    The stream is ended with an Anthropic ``error`` event (``api_error``), after
+    the intact events that preceded the problem, when an event exceeds
+    ``max_event_bytes`` (bounded memory against an endless line) or, with
+    ``validate_utf8`` (the default), when an event is not valid UTF-8 (the SDKs
+    decode strictly and would fail with a less helpful error). After that the
+    transformer is ``failed`` and ignores further input (``feed`` returns
+    ``b""``): the caller should stop reading the upstream. ``close()`` releases a
+    last event that had no blank line, forwarded as it came.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from keyrelay.gateway.core.errors import error_event
+from keyrelay.gateway.core.sse import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
+    SSEDecoder,
+    encode_event,
+    event_type,
+    parse_event,
+    split_blocks,
+)
+from keyrelay.gateway.core.tool_names import ToolNameTable
+from keyrelay.gateway.core.usage import Usage, UsageTracker, usage_from_body
+
+__all__ = [
+    "JSONResponse",
+    "StreamTransformer",
+    "inspect_response_json",
+    "transform_response_json",
+]
+
+_CONTENT_BLOCK_START = b"content_block_start"
+_MESSAGE_START = b"message_start"
+_MESSAGE_DELTA = b"message_delta"
+
+
+def _dumps(obj: object) -> str:
+    """Compact JSON that is always encodable as UTF-8 (a lone surrogate, which
+    JSON can carry as an escape, is written back as an escape)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"))
+    return text
+
+
+def _loads(text: str | bytes) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+# -- JSON ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JSONResponse:
+    """A non-streaming response after the transforms, with what was read from it."""
+
+    body: bytes
+    usage: Usage | None
+    model: str | None
+
+
+def _rename_content(content: list[object], tool_names: ToolNameTable) -> list[object] | None:
+    renamed: list[object] | None = None
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or block.get("type") != "tool_use":
+            continue
+        name = block.get("name")
+        if not isinstance(name, str):
+            continue
+        client = tool_names.to_client(name)
+        if client != name:
+            if renamed is None:
+                renamed = list(content)
+            renamed[i] = {**block, "name": client}
+    return renamed
+
+
+def inspect_response_json(body: bytes, tool_names: ToolNameTable | None) -> JSONResponse:
+    """Map ``tool_use`` names back and read usage and model, parsing ``body`` once."""
+    obj = _loads(body)
+    if not isinstance(obj, dict) or obj.get("type") == "error":
+        return JSONResponse(body, None, None)
+    model = obj.get("model")
+    result_model = model if isinstance(model, str) else None
+    usage = usage_from_body(obj)
+    content = obj.get("content")
+    if tool_names is not None and isinstance(content, list):
+        renamed = _rename_content(content, tool_names)
+        if renamed is not None:
+            body = _dumps({**obj, "content": renamed}).encode("utf-8")
+    return JSONResponse(body, usage, result_model)
+
+
+def transform_response_json(body: bytes, tool_names: ToolNameTable | None) -> bytes:
+    """``body`` with ``tool_use`` names mapped back; the same object if unchanged."""
+    if tool_names is None:
+        return body
+    return inspect_response_json(body, tool_names).body
+
+
+# -- SSE ----------------------------------------------------------------------
+
+
+class StreamTransformer:
+    """The SSE response transform of one request: ``feed(chunk) -> bytes``, ``close()``."""
+
+    __slots__ = ("_decoder", "_error", "_needles", "_tool_names", "_tracker", "_validate")
+
+    def __init__(
+        self,
+        tool_names: ToolNameTable | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        *,
+        validate_utf8: bool = True,
+    ) -> None:
+        self._decoder = SSEDecoder(max_event_bytes)
+        self._tool_names = tool_names
+        self._tracker = UsageTracker()
+        self._validate = validate_utf8
+        self._error: str | None = None
+        # Substrings that every event worth reading contains (in its name):
+        # "message_" covers message_start and message_delta.
+        self._needles: tuple[bytes, ...] = (b"message_",)
+        if tool_names is not None:
+            self._needles += (_CONTENT_BLOCK_START,)
+
+    @property
+    def usage(self) -> Usage:
+        """Usage so far (final once the stream has ended)."""
+        return self._tracker.usage
+
+    @property
+    def usage_seen(self) -> bool:
+        return self._tracker.seen
+
+    @property
+    def model(self) -> str | None:
+        """The model named by ``message_start``, if one arrived."""
+        return self._tracker.model
+
+    @property
+    def failed(self) -> bool:
+        """True once the transformer ended the stream with an ``error`` event."""
+        return self._error is not None
+
+    @property
+    def error(self) -> str | None:
+        """Why the stream was ended (for logs), or ``None``."""
+        return self._error
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send to the client for ``chunk`` (often ``b""``)."""
+        if self._error is not None:
+            return b""
+        try:
+            span = self._decoder.feed_span(chunk)
+        except EventTooLarge as exc:
+            return self._fail_after(list(exc.complete), self._too_large_message())
+        if not span:
+            return b""
+        if self._validate and not span.isascii():
+            try:
+                span.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._forward(split_blocks(span))
+        # Every event that needs reading has one of the needles in its bytes
+        # (its event name), so a span without any is forwarded unread.
+        for needle in self._needles:
+            if needle in span:
+                return self._process(split_blocks(span))
+        return span
+
+    def close(self) -> bytes:
+        """End of the upstream stream: a last event without its blank line, if any."""
+        if self._error is not None:
+            return b""
+        return self._forward(self._decoder.close_raw())
+
+    def _too_large_message(self) -> str:
+        return (
+            "the upstream sent a server-sent event larger than "
+            f"{self._decoder.max_event_bytes} bytes; the gateway ended the stream"
+        )
+
+    def _forward(self, blocks: list[bytes]) -> bytes:
+        """Validate (if asked) and process blocks that were not validated yet."""
+        if self._validate:
+            for i, raw in enumerate(blocks):
+                if not raw.isascii():
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return self._fail_after(
+                            blocks[:i],
+                            "the upstream sent a server-sent event that is not valid UTF-8; "
+                            "the gateway ended the stream",
+                        )
+        return self._process(blocks)
+
+    def _process(self, blocks: list[bytes]) -> bytes:
+        """Forward blocks, reading and rewriting the few events that need it."""
+        tool_names = self._tool_names
+        rewritten: list[bytes] | None = None
+        for i, raw in enumerate(blocks):
+            name = event_type(raw)
+            if name is None:
+                continue
+            if name == _CONTENT_BLOCK_START:
+                if tool_names is not None:
+                    new = self._rename(raw, tool_names)
+                    if new is not raw:
+                        if rewritten is None:
+                            rewritten = list(blocks)
+                        rewritten[i] = new
+            elif name in (_MESSAGE_DELTA, _MESSAGE_START):
+                self._read_usage(raw)
+        return b"".join(blocks if rewritten is None else rewritten)
+
+    def _read_usage(self, raw: bytes) -> None:
+        data = parse_event(raw).data
+        if data is not None:
+            self._tracker.observe(_loads(data))
+
+    @staticmethod
+    def _rename(raw: bytes, tool_names: ToolNameTable) -> bytes:
+        event = parse_event(raw)
+        if event.data is None:
+            return raw
+        obj = _loads(event.data)
+        if not isinstance(obj, dict) or obj.get("type") != "content_block_start":
+            return raw
+        block = obj.get("content_block")
+        if not isinstance(block, dict) or block.get("type") != "tool_use":
+            return raw
+        name = block.get("name")
+        if not isinstance(name, str):
+            return raw
+        client = tool_names.to_client(name)
+        if client == name:
+            return raw
+        obj["content_block"] = {**block, "name": client}
+        return encode_event(event.event, _dumps(obj), event.id, retry=event.retry)
+
+    def _fail_after(self, blocks: list[bytes], message: str) -> bytes:
+        head = self._forward(blocks) if blocks else b""
+        if self._error is not None:  # the head itself ended the stream
+            return head
+        self._error = message
+        return head + error_event("api_error", message)

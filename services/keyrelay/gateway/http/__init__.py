@@ -1,0 +1,1 @@
+"""The gateway's I/O edge: the ASGI app, the upstream client, metrics."""

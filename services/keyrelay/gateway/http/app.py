@@ -1,0 +1,497 @@
+"""The gateway worker as a plain ASGI application (served by uvicorn on uvloop + httptools).
+
+No framework: the routes are a handful of fixed paths and the hot path should
+do the least work possible. One request, ``POST /v1/messages``:
+
+1. the gateway key (``x-api-key`` or ``Authorization: Bearer``) is hashed and
+   looked up: a route (account, mode, profile, upstream);
+2. the body is read up to ``max_request_bytes`` and parsed;
+3. the upstream credential: a cached OAuth token (no RPC in steady state) or
+   the route's explicitly configured API key (``auto`` falls back to it only
+   when the account is not connected);
+4. the profile's request transforms (pure, ``gateway.core``);
+5. the upstream call; on a 401 in OAuth mode, one retry with a newer token
+   (before any byte reached the client);
+6. the response: JSON mapped back in one piece, SSE through the stream
+   transformer chunk by chunk;
+7. metrics and one JSON log line (never a token or key).
+
+Errors the gateway makes itself use the Anthropic shape (``gateway.core.errors``);
+anything unexpected becomes a 500 ``api_error`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keyrelay.config import GatewayConfig, Route
+from keyrelay.gateway.core.errors import (
+    ACCOUNT_DISCONNECTED,
+    AUTH_UNAVAILABLE,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    REQUEST_TOO_LARGE,
+    UNKNOWN_KEY,
+    GatewayError,
+    error_event,
+)
+from keyrelay.gateway.core.request_transform import (
+    RequestShapeError,
+    decode_json_body,
+    transform_headers,
+    transform_request,
+)
+from keyrelay.gateway.core.response_transform import StreamTransformer, inspect_response_json
+from keyrelay.gateway.core.usage import Billing, Usage
+from keyrelay.gateway.http.metrics import GatewayMetrics
+from keyrelay.gateway.http.upstream import Upstreams, chunks, read_all, release
+from keyrelay.gateway.keys import key_hash
+from keyrelay.gateway.tokens import TokenClient, TokenError
+
+log = logging.getLogger("keyrelay.gateway")
+access_log = logging.getLogger("keyrelay.gateway.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MESSAGES: Final = "/v1/messages"
+COUNT_TOKENS: Final = "/v1/messages/count_tokens"
+# Response headers the gateway sets or that only describe the upstream hop.
+_DROPPED_RESPONSE_HEADERS: Final = frozenset(
+    {
+        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
+        "date", "server", "proxy-connection", "upgrade", "trailer", "te",
+    }
+)  # fmt: skip
+_JSON: Final = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing more can be sent."""
+
+
+@dataclass(slots=True)
+class Credential:
+    header: tuple[str, str]
+    billing: Billing
+    generation: int = 0
+
+    @property
+    def oauth(self) -> bool:
+        return self.billing is Billing.INCLUDED
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one request did, for metrics and the access log."""
+
+    route: Route | None = None
+    status: int = 0
+    billing: Billing | None = None
+    upstream_status: int = 0
+    upstream_seconds: float = 0.0
+    usage: Usage | None = None
+    model: str | None = None
+    stream: bool = False
+    error: str | None = None
+    retried: bool = False
+    # Set once the last byte went out: a disconnect after that is no failure.
+    finished: bool = False
+
+
+def gateway_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    bearer = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                bearer = token.strip()
+    return bearer
+
+
+class GatewayApp:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tokens: TokenClient | None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.metrics = metrics or GatewayMetrics()
+        if tokens is not None:
+            self.metrics.watch_token_cache(tokens)
+        upstreams = {r.upstream.name: r.upstream for r in config.routes.values()}
+        self.upstreams = Upstreams(upstreams)
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- ASGI -----------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        await self.upstreams.start()
+        if self.tokens is not None:
+            self._watch = asyncio.create_task(self.tokens.watch())
+
+    async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.upstreams.close()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path in (MESSAGES, COUNT_TOKENS):
+            if method != "POST":
+                await self._error(send, GatewayError(METHOD_NOT_ALLOWED, f"{path} takes POST"))
+                return
+            await self._proxy(scope, receive, send, path)
+        elif path == "/healthz":
+            await _respond(send, 200, b'{"status":"ok"}', _JSON)
+        elif path == "/readyz":
+            ready = self.tokens is None or await self.tokens.ready()
+            status = 200 if ready else 503
+            body = b'{"status":"ready"}' if ready else b'{"status":"auth service unreachable"}'
+            await _respond(send, status, body, _JSON)
+        elif path == "/metrics":
+            await _respond(
+                send,
+                200,
+                generate_latest(self.metrics.registry),
+                [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+            )
+        else:
+            await self._error(send, GatewayError(NOT_FOUND, f"no such endpoint: {method} {path}"))
+
+    async def _error(self, send: Send, error: GatewayError, request_id: str | None = None) -> None:
+        headers = list(_JSON)
+        if request_id:
+            headers.append((b"request-id", request_id.encode()))
+        await _respond(send, error.status, error.body(request_id=request_id), headers)
+
+    # -- the proxy ------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        started = time.perf_counter()
+        request_id = "req_kr_" + secrets.token_hex(12)
+        outcome = Outcome()
+        watcher: asyncio.Task[None] | None = None
+        try:
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            outcome.route = route = self._route(headers)
+            raw = await self._read_body(receive, headers)
+            # From here on the client can only go away: watch for it, so a
+            # stream to a vanished client is cancelled instead of read to the end.
+            watcher = asyncio.create_task(
+                _cancel_on_disconnect(receive, asyncio.current_task(), outcome)
+            )
+            await self._forward(scope, send, path, route, raw, request_id, outcome)
+        except GatewayError as error:
+            outcome.status, outcome.error = error.status, error.message
+            await self._error(send, error, request_id)
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done():
+                raise
+            outcome.status, outcome.error = 499, "client disconnected"
+        except ClientGone:
+            outcome.status, outcome.error = 499, "client disconnected"
+        except Exception:
+            log.exception("unexpected error", extra={"request_id": request_id})
+            outcome.status, outcome.error = 500, "internal error"
+            with contextlib.suppress(Exception):
+                await self._error(
+                    send,
+                    GatewayError(INTERNAL_ERROR, "internal gateway error; see the gateway log"),
+                    request_id,
+                )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self._record(outcome, request_id, time.perf_counter() - started)
+
+    def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
+        key = gateway_key(headers)
+        route = self.config.routes.get(key_hash(key)) if key else None
+        if route is None:
+            raise GatewayError(
+                UNKNOWN_KEY,
+                "invalid gateway key: send it as x-api-key or Authorization: Bearer"
+                if key
+                else "missing gateway key: send it as x-api-key or Authorization: Bearer",
+            )
+        return route
+
+    async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
+        limit = self.config.max_request_bytes
+        content_type = b""
+        for name, value in headers:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+            if name == b"content-type":
+                content_type = value.split(b";", 1)[0].strip().lower()
+        if content_type != b"application/json":
+            raise GatewayError(INVALID_REQUEST, "content-type must be application/json")
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+            if not message.get("more_body"):
+                return bytes(body)
+
+    async def _credential(self, route: Route) -> Credential:
+        if route.mode == "api_key":
+            assert route.api_key is not None  # config guarantees it
+            return Credential(("x-api-key", route.api_key), Billing.METERED)
+        # The config guarantees both for the oauth and auto modes.
+        assert self.tokens is not None
+        assert route.account is not None
+        try:
+            token = await self.tokens.get(route.account)
+        except TokenError as exc:
+            if route.mode == "auto" and exc.status == 401 and route.api_key is not None:
+                return Credential(("x-api-key", route.api_key), Billing.METERED)
+            kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
+            raise GatewayError(kind, exc.message) from None
+        return Credential(
+            ("authorization", f"{token.token_type} {token.access_token}"),
+            Billing.INCLUDED,
+            token.generation,
+        )
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        path: str,
+        route: Route,
+        raw: bytes,
+        request_id: str,
+        outcome: Outcome,
+    ) -> None:
+        try:
+            body = decode_json_body(raw)
+        except ValueError as exc:
+            raise GatewayError(INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+        credential = await self._credential(route)
+        outcome.billing = credential.billing
+        client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        query = _query(scope)
+        try:
+            request = transform_request(
+                body, client_headers, route.profile, upstream_auth=credential.header, query=query
+            )
+        except RequestShapeError as exc:
+            raise GatewayError(INVALID_REQUEST, str(exc)) from None
+        payload = request.body_bytes(raw)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        outcome.model = model
+
+        sent_at = time.perf_counter()
+        response = await self.upstreams.post(
+            route.upstream, path, request.headers, request.query, payload
+        )
+        if response.status == 401 and credential.oauth and route.account is not None:
+            # The token was refused: get a newer generation and try once more.
+            await release(response)
+            assert self.tokens is not None
+            try:
+                token = await self.tokens.rejected(route.account, credential.generation)
+            except TokenError as exc:
+                kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
+                raise GatewayError(kind, exc.message) from None
+            retry_headers = transform_headers(
+                client_headers,
+                route.profile,
+                upstream_auth=("authorization", f"{token.token_type} {token.access_token}"),
+            )
+            outcome.retried = True
+            self.metrics.upstream_retries.labels(route.name).inc()
+            response = await self.upstreams.post(
+                route.upstream, path, retry_headers, request.query, payload
+            )
+        outcome.upstream_seconds = time.perf_counter() - sent_at
+        outcome.upstream_status = response.status
+        self.metrics.upstream_latency.labels(route.upstream.name).observe(outcome.upstream_seconds)
+        try:
+            headers = _response_headers(response, request_id)
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("text/event-stream"):
+                outcome.stream = True
+                await self._stream(send, response, route, request.tool_names, headers, outcome)
+            else:
+                data = await read_all(response, route.upstream)
+                inspected = inspect_response_json(data, request.tool_names)
+                outcome.usage = inspected.usage
+                outcome.model = inspected.model or model
+                outcome.status = response.status
+                await _respond(send, response.status, inspected.body, headers)
+            outcome.finished = True
+        finally:
+            await release(response)
+
+    async def _stream(
+        self,
+        send: Send,
+        response: aiohttp.ClientResponse,
+        route: Route,
+        tool_names: Any,
+        headers: list[tuple[bytes, bytes]],
+        outcome: Outcome,
+    ) -> None:
+        transformer = StreamTransformer(tool_names, self.config.max_event_bytes)
+        outcome.status = response.status
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        try:
+            async for chunk in chunks(response, route.upstream):
+                out = transformer.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if transformer.failed:
+                    outcome.error = transformer.error
+                    break
+            tail = transformer.close()
+        except GatewayError as error:
+            # Headers are out: the failure travels as an error event.
+            outcome.error = error.message
+            tail = error_event(error.kind.type, error.message)
+        outcome.usage = transformer.usage if transformer.usage_seen else None
+        outcome.model = transformer.model or outcome.model
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    # -- accounting -----------------------------------------------------------
+
+    def _record(self, outcome: Outcome, request_id: str, seconds: float) -> None:
+        route = outcome.route
+        route_name = route.name if route else "-"
+        billing = outcome.billing
+        m = self.metrics
+        m.requests.labels(route_name, str(outcome.status), billing.value if billing else "-").inc()
+        m.latency.labels(route_name, "true" if outcome.stream else "false").observe(seconds)
+        cost = None
+        account = (route.account if route else None) or "-"
+        if outcome.usage is not None and billing is not None:
+            usage = outcome.usage
+            for kind, count in (
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+                ("cache_creation", usage.cache_creation_input_tokens),
+                ("cache_read", usage.cache_read_input_tokens),
+            ):
+                if count:
+                    m.tokens.labels(account, billing.value, kind).inc(count)
+            cost = self.config.prices.cost(usage, outcome.model, billing)
+            if cost:
+                m.cost.labels(account, billing.value).inc(cost)
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "route": route_name,
+            "account": account,
+            "billing": billing.value if billing else None,
+            "status": outcome.status,
+            "upstream_status": outcome.upstream_status or None,
+            "stream": outcome.stream,
+            "model": outcome.model,
+            "duration_ms": round(seconds * 1000, 2),
+            "upstream_ms": round(outcome.upstream_seconds * 1000, 2),
+            "retried_after_401": outcome.retried,
+        }
+        if outcome.usage is not None:
+            entry["usage"] = {
+                "input": outcome.usage.input_tokens,
+                "output": outcome.usage.output_tokens,
+                "cache_creation": outcome.usage.cache_creation_input_tokens,
+                "cache_read": outcome.usage.cache_read_input_tokens,
+            }
+            entry["cost_usd"] = cost
+        if outcome.error:
+            entry["error"] = outcome.error
+        access_log.info("request", extra=entry)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than the gateway's limit of {limit} bytes"
+
+
+def _query(scope: Scope) -> list[tuple[str, str]]:
+    raw: bytes = scope.get("query_string", b"")
+    if not raw:
+        return []
+    return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+
+
+def _response_headers(
+    response: aiohttp.ClientResponse, request_id: str
+) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in response.headers.items()
+        if name.lower() not in _DROPPED_RESPONSE_HEADERS
+    ]
+    headers.append((b"x-keyrelay-request-id", request_id.encode()))
+    return headers
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _cancel_on_disconnect(
+    receive: Receive, task: asyncio.Task[Any] | None, outcome: Outcome
+) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if task is not None and not outcome.finished:
+                task.cancel()
+            return
+
+
+__all__ = ["GatewayApp", "gateway_key"]

@@ -1,0 +1,93 @@
+"""Prometheus metrics of a gateway worker (served on ``GET /metrics``).
+
+Label values are bounded: ``route`` is the configured key name, ``account``
+a configured account, ``status`` an HTTP status, ``mode``/``billing`` enums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "keyrelay_gateway_requests",
+            "Requests answered, by route, HTTP status and auth mode used",
+            ["route", "status", "mode"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "keyrelay_gateway_request_seconds",
+            "Time from request to the last byte of the response",
+            ["route", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "keyrelay_gateway_upstream_seconds",
+            "Time until the upstream's response headers arrived",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "keyrelay_gateway_tokens",
+            "Model tokens by account, billing and kind (input, output, cache_creation, cache_read)",
+            ["account", "billing", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "keyrelay_gateway_cost_usd",
+            "Cost in USD by account and billing (included: always 0)",
+            ["account", "billing"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "keyrelay_gateway_upstream_auth_retries",
+            "Requests retried once with a newer token after an upstream 401",
+            ["route"],
+            registry=r,
+        )
+
+    def watch_token_cache(self, cache: TokenCacheCounts) -> None:
+        """Exports the cache's own counters at scrape time (nothing on the hot path)."""
+        self.registry.register(_TokenCacheCollector(cache))
+
+
+class TokenCacheCounts(Protocol):
+    hits: int
+    misses: int
+    rpcs: int
+
+
+class _TokenCacheCollector(Collector):
+    def __init__(self, cache: TokenCacheCounts) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "keyrelay_gateway_token_cache",
+            "Token lookups by result (hit: served from the worker's cache; miss: GetToken)",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], self._cache.hits)
+        lookups.add_metric(["miss"], self._cache.misses)
+        yield lookups
+        rpcs = CounterMetricFamily(
+            "keyrelay_gateway_get_token_rpcs", "GetToken calls made to the auth service"
+        )
+        rpcs.add_metric([], self._cache.rpcs)
+        yield rpcs

@@ -1,0 +1,55 @@
+"""Builds and runs a gateway worker (``keyrelay gateway serve``)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from keyrelay.config import GatewayConfig
+from keyrelay.gateway.http.app import GatewayApp
+from keyrelay.gateway.tokens import TokenClient, open_channel
+
+log = logging.getLogger("keyrelay.gateway.server")
+
+
+def build_app(config: GatewayConfig) -> GatewayApp:
+    tokens = None
+    if config.auth is not None:
+        channel = open_channel(
+            config.auth.target,
+            ca_file=config.auth.ca_file,
+            cert_file=config.auth.cert_file,
+            key_file=config.auth.key_file,
+        )
+        tokens = TokenClient(
+            channel,
+            config.auth.token,
+            skew=config.token_skew_seconds,
+            rpc_timeout=config.auth.timeout_seconds,
+        )
+    return GatewayApp(config, tokens)
+
+
+def uvicorn_config(app: GatewayApp, listen: str) -> uvicorn.Config:
+    host, _, port = listen.rpartition(":")
+    return uvicorn.Config(
+        app,
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port),
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # one JSON line per request comes from the app itself
+        log_config=None,
+        server_header=False,
+        timeout_keep_alive=75,  # longer than common load balancers' idle timeout
+        timeout_graceful_shutdown=30,  # let in-flight streams finish on SIGTERM
+    )
+
+
+def serve(config: GatewayConfig) -> None:
+    app = build_app(config)
+    server = uvicorn.Server(uvicorn_config(app, config.listen))
+    log.info("gateway listening", extra={"address": config.listen})
+    server.run()

@@ -1,0 +1,259 @@
+"""The gateway's token client: a per-worker cache in front of ``GetToken``.
+
+In steady state a request costs no RPC: a token is cached until
+``expires_at - skew``, concurrent requests for an account share one in-flight
+``GetToken``, and a ``WatchEvents`` subscription evicts an account the moment
+another replica refreshes or disconnects it. When the subscription is down the
+cache stays correct enough: an upstream 401 leads to
+``GetToken(stale_generation=…)`` and one retry.
+
+The gRPC channel load-balances over every auth replica (``round_robin`` over a
+``dns:///`` headless service or an ``ipv4:`` list) and retries ``UNAVAILABLE``
+per the service config below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from grpc import aio
+
+from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+
+log = logging.getLogger("keyrelay.gateway.tokens")
+
+SERVICE_CONFIG: Final = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "keyrelay.auth.v1.AuthService", "method": "GetToken"},
+                    {"service": "keyrelay.auth.v1.AuthService", "method": "GetAccount"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_at: float
+    generation: int
+
+
+class TokenError(Exception):
+    """No token for this account; carries what the client should be told."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+def token_error(exc: aio.AioRpcError, account_id: str) -> TokenError:
+    code = exc.code()
+    details = exc.details() or ""
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return TokenError(401, "authentication_error", details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return TokenError(
+            401,
+            "authentication_error",
+            f"account {account_id!r} is not connected; connect it with: "
+            f"keyrelay connect {account_id} --provider PROVIDER",
+        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        log.error(
+            "the auth service rejected this gateway's service token",
+            extra={"status": code.name},
+        )
+    return TokenError(503, "api_error", "the auth service is unavailable; retry shortly")
+
+
+def open_channel(
+    target: str,
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> aio.Channel:
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if ca_file is None:
+        return aio.insecure_channel(target, options=options)
+    with open(ca_file, "rb") as fh:
+        ca = fh.read()
+    key = cert = None
+    if cert_file and key_file:
+        with open(key_file, "rb") as fh:
+            key = fh.read()
+        with open(cert_file, "rb") as fh:
+            cert = fh.read()
+    return aio.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+
+
+class TokenClient:
+    def __init__(
+        self,
+        channel: aio.Channel,
+        service_token: str,
+        *,
+        skew: float = 30.0,
+        rpc_timeout: float = 40.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._metadata: tuple[tuple[str, str | bytes], ...] = (
+            ("authorization", f"Bearer {service_token}"),
+        )
+        self._skew = skew
+        self._timeout = rpc_timeout
+        self._clock = clock
+        self._cache: dict[str, CachedToken] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Task[CachedToken]] = {}
+        # Highest generation an event announced per account: a fetch that raced
+        # the event and returned an older token is used once but not cached.
+        self._floor: dict[str, int] = {}
+        self._last_event_id = ""
+        self.hits = 0
+        self.misses = 0
+        self.rpcs = 0
+
+    async def get(self, account_id: str) -> CachedToken:
+        cached = self._cache.get(account_id)
+        if cached is not None and cached.expires_at - self._skew > self._clock():
+            self.hits += 1
+            return cached
+        self.misses += 1
+        return await self._shared_fetch(account_id, 0)
+
+    async def _shared_fetch(self, account_id: str, stale_generation: int) -> CachedToken:
+        """One in-flight ``GetToken`` per (account, stale generation) in this worker."""
+        key = (account_id, stale_generation)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(account_id, stale_generation))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        # Shielded: one client going away must not cancel the fetch others wait on.
+        return await asyncio.shield(task)
+
+    async def rejected(self, account_id: str, generation: int) -> CachedToken:
+        """The upstream refused the token of ``generation``: get a newer one."""
+        current = self._cache.get(account_id)
+        if current is not None and current.generation > generation:
+            return current
+        self._cache.pop(account_id, None)
+        return await self._shared_fetch(account_id, generation)
+
+    def _done(self, key: tuple[str, int], task: asyncio.Task[CachedToken]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved by every waiter; keep asyncio quiet
+
+    async def _fetch(self, account_id: str, stale_generation: int) -> CachedToken:
+        self.rpcs += 1
+        try:
+            reply = await self._stub.GetToken(
+                auth_pb2.GetTokenRequest(account_id=account_id, stale_generation=stale_generation),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except aio.AioRpcError as exc:
+            raise token_error(exc, account_id) from None
+        token = CachedToken(
+            reply.access_token,
+            reply.token_type or "Bearer",
+            float(reply.expires_at),
+            reply.generation,
+        )
+        if token.generation >= self._floor.get(account_id, 0):
+            self._cache[account_id] = token
+        return token
+
+    def evict(self, account_id: str, generation: int = 0) -> None:
+        self._cache.pop(account_id, None)
+        if generation > self._floor.get(account_id, 0):
+            self._floor[account_id] = generation
+
+    def apply_event(self, event: auth_pb2.AccountEvent) -> None:
+        self._last_event_id = event.event_id
+        if event.kind in (
+            auth_pb2.AccountEvent.DISCONNECTED,
+            auth_pb2.AccountEvent.REFRESHED,
+            auth_pb2.AccountEvent.CONNECTED,
+        ):
+            self.evict(event.account_id, event.generation)
+
+    async def watch(self, *, max_backoff: float = 5.0) -> None:
+        """Follows ``WatchEvents`` forever, resuming after the last event seen."""
+        backoff = 0.1
+        rng = random.Random()  # noqa: S311  # jitter, not secrets
+        first = True
+        while True:
+            if not first and not self._last_event_id:
+                # Events between the lost stream and now are unknown: start clean.
+                self._cache.clear()
+            first = False
+            call = self._stub.WatchEvents(
+                auth_pb2.WatchEventsRequest(after_event_id=self._last_event_id),
+                metadata=self._metadata,
+            )
+            try:
+                async for event in call:
+                    self.apply_event(event)
+                    backoff = 0.1
+            except aio.AioRpcError as exc:
+                log.warning("event stream lost; reconnecting", extra={"status": exc.code().name})
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff * rng.uniform(0.5, 1.5))
+            backoff = min(max_backoff, backoff * 2)
+
+    async def ready(self) -> bool:
+        """True when an auth replica answers (used by ``/readyz``)."""
+        try:
+            await self._stub.GetAccount(
+                auth_pb2.GetAccountRequest(account_id="readyz-probe"),
+                metadata=self._metadata,
+                timeout=2.0,
+            )
+        except aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return True
+
+
+@contextlib.asynccontextmanager
+async def watching(client: TokenClient) -> Any:
+    task = asyncio.create_task(client.watch())
+    try:
+        yield client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
