@@ -77,7 +77,13 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyrelay.dev import run_dev
 
-    return run_dev(Path(args.state_dir), args.auth_port)
+    return run_dev(
+        Path(args.state_dir),
+        auth_port=args.auth_port,
+        gateway_port=args.gateway_port,
+        account=args.account,
+        upstream_url=args.upstream,
+    )
 
 
 # -- people verbs ------------------------------------------------------------
@@ -280,9 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--name", help="label for logs and metrics (default: the account)")
     keys_new.set_defaults(func=cmd_keys_new)
 
-    dev = verbs.add_parser("dev", help="run the whole stack locally (Redis, auth service)")
+    dev = verbs.add_parser("dev", help="run the whole stack locally: Redis, auth, gateway")
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")
     dev.add_argument("--auth-port", type=int, default=50051)
+    dev.add_argument("--gateway-port", type=int, default=8080)
+    dev.add_argument("--account", default="default", help="account the dev gateway key uses")
+    dev.add_argument(
+        "--upstream",
+        default=os.environ.get("KEYRELAY_UPSTREAM_URL", "https://api.anthropic.com"),
+        help="Messages API upstream (default: $KEYRELAY_UPSTREAM_URL or the Anthropic API)",
+    )
     dev.set_defaults(func=cmd_dev)
 
     connect = verbs.add_parser("connect", help="connect an account through OAuth + PKCE")

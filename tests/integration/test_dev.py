@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.support.redis_server import free_port
 
 
-def start_dev(state_dir: Path, port: int) -> subprocess.Popen[str]:
+def start_dev(state_dir: Path, port: int, gateway_port: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     process = subprocess.Popen(
         [
@@ -28,6 +29,12 @@ def start_dev(state_dir: Path, port: int) -> subprocess.Popen[str]:
             str(state_dir),
             "--auth-port",
             str(port),
+            "--gateway-port",
+            str(gateway_port),
+            "--account",
+            "devacct",
+            "--upstream",
+            "http://127.0.0.1:9",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -66,14 +73,27 @@ def stop(process: subprocess.Popen[str]) -> int:
 
 def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    port = free_port()
-    process = start_dev(state, port)
+    port, gateway_port = free_port(), free_port()
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    process = start_dev(state, port, gateway_port)
     try:
-        token_file = state / "secrets" / "admin_token"
-        token = token_file.read_text().strip()
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        secrets_dir = state / "secrets"
+        token = (secrets_dir / "admin_token").read_text().strip()
+        key = (secrets_dir / "gateway_key").read_text().strip()
+        for name in ("admin_token", "gateway_token", "gateway_key", "encryption_keys"):
+            assert stat.S_IMODE((secrets_dir / name).stat().st_mode) == 0o600, name
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         assert list(list_accounts(port, token).accounts) == []
+        # The gateway is up, reaches the auth service, and knows its key.
+        assert httpx.get(f"{gateway}/readyz", timeout=10).status_code == 200
+        response = httpx.post(
+            f"{gateway}/v1/messages",
+            json={"model": "m", "max_tokens": 1, "messages": []},
+            headers={"x-api-key": key},
+            timeout=10,
+        )
+        assert response.status_code == 401
+        assert "keyrelay connect devacct" in response.json()["error"]["message"]
     finally:
         assert stop(process) == 0
     # Stopped means stopped: nothing listens any more.
@@ -83,10 +103,16 @@ def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
             raise AssertionError("the auth service still listens after Ctrl-C")
         except grpc.FutureTimeoutError:
             pass
+    try:
+        httpx.get(f"{gateway}/healthz", timeout=1)
+        raise AssertionError("the gateway still listens after Ctrl-C")
+    except httpx.ConnectError:
+        pass
 
-    again = start_dev(state, port)
+    again = start_dev(state, port, gateway_port)
     try:
         assert (state / "secrets" / "admin_token").read_text().strip() == token
+        assert (state / "secrets" / "gateway_key").read_text().strip() == key
         assert list(list_accounts(port, token).accounts) == []
     finally:
         assert stop(again) == 0
@@ -105,6 +131,8 @@ def test_dev_with_a_broken_providers_file_names_the_key(tmp_path: Path) -> None:
             "--state-dir",
             str(state),
             "--auth-port",
+            str(free_port()),
+            "--gateway-port",
             str(free_port()),
         ],
         capture_output=True,

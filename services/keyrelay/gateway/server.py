@@ -14,21 +14,19 @@ log = logging.getLogger("keyrelay.gateway.server")
 
 
 def build_app(config: GatewayConfig) -> GatewayApp:
-    tokens = None
-    if config.auth is not None:
+    auth = config.auth
+    if auth is None:
+        return GatewayApp(config, None)
+
+    def token_client() -> TokenClient:
         channel = open_channel(
-            config.auth.target,
-            ca_file=config.auth.ca_file,
-            cert_file=config.auth.cert_file,
-            key_file=config.auth.key_file,
+            auth.target, ca_file=auth.ca_file, cert_file=auth.cert_file, key_file=auth.key_file
         )
-        tokens = TokenClient(
-            channel,
-            config.auth.token,
-            skew=config.token_skew_seconds,
-            rpc_timeout=config.auth.timeout_seconds,
+        return TokenClient(
+            channel, auth.token, skew=config.token_skew_seconds, rpc_timeout=auth.timeout_seconds
         )
-    return GatewayApp(config, tokens)
+
+    return GatewayApp(config, token_client)
 
 
 def uvicorn_config(app: GatewayApp, listen: str) -> uvicorn.Config:

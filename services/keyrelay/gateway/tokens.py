@@ -126,6 +126,7 @@ class TokenClient:
         rpc_timeout: float = 40.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._channel = channel
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._metadata: tuple[tuple[str, str | bytes], ...] = (
             ("authorization", f"Bearer {service_token}"),
@@ -234,6 +235,9 @@ class TokenClient:
                 call.cancel()
             await asyncio.sleep(backoff * rng.uniform(0.5, 1.5))
             backoff = min(max_backoff, backoff * 2)
+
+    async def close(self) -> None:
+        await self._channel.close()
 
     async def ready(self) -> bool:
         """True when an auth replica answers (used by ``/readyz``)."""

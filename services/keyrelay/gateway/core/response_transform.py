@@ -34,8 +34,10 @@ SSE (``StreamTransformer``)
     The stream is ended with an Anthropic ``error`` event (``api_error``), after
     the intact events that preceded the problem, when an event exceeds
     ``max_event_bytes`` (bounded memory against an endless line) or, with
-    ``validate_utf8`` (the default), when an event is not valid UTF-8 (the SDKs
-    decode strictly and would fail with a less helpful error). After that the
+    ``validate_utf8`` (the default), when an event is not valid UTF-8 (the
+    Messages API only sends UTF-8; depending on their version the SDKs would
+    fail on such bytes with a decoding error or show replacement characters,
+    where an ``error`` event says what happened). After that the
     transformer is ``failed`` and ignores further input (``feed`` returns
     ``b""``): the caller should stop reading the upstream. ``close()`` releases a
     last event that had no blank line, forwarded as it came.

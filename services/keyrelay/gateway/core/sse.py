@@ -9,8 +9,8 @@ once a CR has been seen in the chunk, ``find`` for three byte pairs). Each
 block comes back as the exact bytes received, so a proxy forwards untouched
 events byte-for-byte and ``b"".join(blocks)`` is always exactly the input.
 ``SSEDecoder.feed_span`` returns the same blocks already joined, finding the end
-of the last one with a single ``rfind`` (no per-event work at all); a consumer
-that must look inside cuts the span with ``split_blocks``.
+of the last one with ``rfind`` from the end of the chunk (no per-event work at
+all); a consumer that must look inside cuts the span with ``split_blocks``.
 
 Parsing (``parse_event``, used by ``SSEDecoder.feed``) turns one block into an
 ``SSEEvent`` following the WHATWG rules ("Interpreting an event stream"). A proxy
@@ -133,8 +133,9 @@ class SSEDecoder:
     """Incremental SSE decoder: ``feed(bytes) -> [events]`` and ``close()``.
 
     ``feed``/``close`` return parsed ``SSEEvent`` objects; ``feed_raw`` and
-    ``close_raw`` return only the raw blocks (framing, no decoding at all). Use
-    one flavour per decoder.
+    ``close_raw`` return only the raw blocks (framing, no decoding at all);
+    ``feed_span`` returns those blocks joined. They share one state, so a
+    caller may mix them.
     """
 
     __slots__ = ("_closed", "_failed", "_held", "_last", "_max", "_pending")

@@ -130,14 +130,15 @@ class GatewayApp:
     def __init__(
         self,
         config: GatewayConfig,
-        tokens: TokenClient | None,
+        token_client: Callable[[], TokenClient] | None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
+        """``token_client`` makes the client at startup: a gRPC channel belongs to
+        the event loop it was made on, and uvicorn makes its loop after this."""
         self.config = config
-        self.tokens = tokens
+        self._token_client = token_client
+        self.tokens: TokenClient | None = None
         self.metrics = metrics or GatewayMetrics()
-        if tokens is not None:
-            self.metrics.watch_token_cache(tokens)
         upstreams = {r.upstream.name: r.upstream for r in config.routes.values()}
         self.upstreams = Upstreams(upstreams)
         self._watch: asyncio.Task[None] | None = None
@@ -163,7 +164,9 @@ class GatewayApp:
 
     async def startup(self) -> None:
         await self.upstreams.start()
-        if self.tokens is not None:
+        if self._token_client is not None:
+            self.tokens = self._token_client()
+            self.metrics.watch_token_cache(self.tokens)
             self._watch = asyncio.create_task(self.tokens.watch())
 
     async def shutdown(self) -> None:
@@ -172,6 +175,8 @@ class GatewayApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self.upstreams.close()
+        if self.tokens is not None:
+            await self.tokens.close()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
