@@ -54,7 +54,7 @@ fmt: $(STAMP_PY) ## Format the code
 	$(BIN)/ruff check --fix .
 
 run: $(PROTO_OUT) ## Run the whole stack locally (Redis, auth service, gateway)
-	$(BIN)/keyrelay dev
+	$(BIN)/keyrelay dev $(ARGS)
 
 bench: $(PROTO_OUT) $(STAMP_NODE) ## Run the benchmarks
 	$(BIN)/python bench/auth_gettoken.py
