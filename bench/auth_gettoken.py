@@ -7,7 +7,9 @@ real authorization-code + PKCE flow, then:
 
 1. **Fast path** (the token is fresh, so a call is one ``HGETALL`` plus an AES-GCM
    decrypt): ``GetToken`` latency p50/p99 and calls/s at concurrency 1 and 32 against
-   one replica, and at concurrency 32 spread over 3 replicas. The load generator runs
+   one replica, and at concurrency 32 spread over 3 replicas; then the same load against
+   ``bench/grpc_floor.py``, a bare grpc.aio server with a constant reply, printed beside
+   them as the floor that Python gRPC alone sets on this machine. The load generator runs
    in separate process(es) (``--load-procs``) with a closed loop of in-flight calls,
    a warm-up, then a measurement window (``--seconds``). The CPU used by the load
    generator, the replica(s) and Redis during the window is printed next to the
@@ -46,6 +48,7 @@ import queue
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc import aio
@@ -74,7 +77,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.integration.test_auth_flow import connect  # noqa: E402
 from tests.support.oidc import OidcServer  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.redis_server import RedisServer, free_port  # noqa: E402
 from tests.support.stack import (  # noqa: E402
     ReplicaProcess,
     admin_md,
@@ -88,6 +91,7 @@ FAST_TARGET_CONCURRENCY = 32
 HERD_TOKEN_TTL = 4  # access-token lifetime at the provider in the herd phase (s)
 HERD_SKEW = 1.0  # auth.skew_seconds of the herd replicas
 REPLICAS = 3
+FLOOR_LABEL = "bare grpc.aio"
 SATURATED = 90.0  # % of one core above which a process counts as saturated
 
 
@@ -276,7 +280,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def run_load(
     label: str,
-    replicas: Sequence[ReplicaProcess],
+    replicas: Sequence[Target],
     *,
     concurrency: int,
     procs: int,
@@ -449,6 +453,44 @@ async def run_herd(
 
 
 # -- the stack -----------------------------------------------------------------------------
+
+
+class Target(Protocol):
+    """What the load generator needs of a server: where it listens and its process."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None: ...
+
+
+@dataclass
+class FloorServer:
+    """``bench/grpc_floor.py``: bare grpc.aio with a constant reply, the lower bound."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> FloorServer:
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "bench" / "grpc_floor.py"), str(self.port)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "services")},
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != b"ready":
+            raise RuntimeError("bench/grpc_floor.py did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
 
 
 def start_replicas(
@@ -695,6 +737,28 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         )
     fast_refreshes = _count(oidc.stats(), "token_calls", "refresh_token") - refreshes_before
     stop_all(replicas, oidc)
+    floor = FloorServer(free_port())
+    stack.callback(floor.stop)
+    floor.start()
+    for concurrency in (1, FAST_TARGET_CONCURRENCY):
+        fast.append(
+            run_load(
+                FLOOR_LABEL,
+                [floor],
+                concurrency=concurrency,
+                procs=args.load_procs,
+                warmup=args.warmup,
+                window=args.seconds,
+                account="bench",
+                redis_pid=None,
+            )
+        )
+        print(
+            f"  {FLOOR_LABEL}, concurrency {concurrency}: {fast[-1].rate:.0f} calls/s, "
+            f"p99 {fmt_ms(fast[-1].percentile_ms(99))} ms",
+            flush=True,
+        )
+    floor.stop()
 
     # -- phase 2: herd ---------------------------------------------------------------------
     print(
@@ -721,7 +785,18 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     print("\nHerd (ms from firing the herd; reuse = refresh-token reuse detected by the provider):")
     print(table(HERD_HEADERS, [herd_row(r) for r in herd]))
 
-    target_row = next(r for r in fast if r.replicas == 1 and r.concurrency == 32)
+    print("\nkeyrelay vs the bare grpc.aio floor (same load generator, same machine):")
+    for concurrency in (1, FAST_TARGET_CONCURRENCY):
+        ours = next(r for r in fast if r.label == "1 replica" and r.concurrency == concurrency)
+        base = next(r for r in fast if r.label == FLOOR_LABEL and r.concurrency == concurrency)
+        print(
+            f"  concurrency {concurrency:>2}: calls/s {ours.rate:.0f} vs {base.rate:.0f} "
+            f"({ours.rate / base.rate if base.rate else math.nan:.2f}x), p50 "
+            f"{fmt_ms(ours.percentile_ms(50))} vs {fmt_ms(base.percentile_ms(50))} ms, p99 "
+            f"{fmt_ms(ours.percentile_ms(99))} vs {fmt_ms(base.percentile_ms(99))} ms"
+        )
+
+    target_row = next(r for r in fast if r.label == "1 replica" and r.concurrency == 32)
     p99 = target_row.percentile_ms(99)
     one_per_expiry = all(r.refresh_calls == 1 for r in herd)
     consistent = all(r.distinct_tokens == 1 and r.errors == 0 and r.token_valid for r in herd)
