@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+import tomli_w
+
 KEY_PREFIX = "kr-"
 
 
@@ -17,13 +19,20 @@ def key_hash(key: str) -> str:
 
 
 def config_entry(key: str, *, account: str, name: str) -> str:
-    """The TOML to paste into the gateway config for ``key``."""
+    """The TOML to paste into the gateway config for ``key``.
+
+    Written by a TOML serialiser, so a name or account with quotes or
+    backslashes stays one string instead of breaking (or extending) the config.
+    """
+    entry = {
+        "name": name,
+        "hash": key_hash(key),
+        "account": account,
+        "mode": "oauth",
+        "profile": "default",
+        "upstream": "default",
+    }
     return (
-        "[[keys]]\n"
-        f'name = "{name}"\n'
-        f'hash = "{key_hash(key)}"\n'
-        f'account = "{account}"\n'
-        'mode = "oauth"        # or "api_key" / "auto" (with api_key = { env = "VAR" })\n'
-        'profile = "default"\n'
-        'upstream = "default"\n'
+        tomli_w.dumps({"keys": [entry]})
+        + '# mode: "oauth", "api_key" or "auto" (these two need api_key = { env = "VAR" })\n'
     )
