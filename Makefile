@@ -42,6 +42,9 @@ node: $(STAMP_NODE) ## Install the OAuth test server (oidc-provider) for the tes
 test: $(PROTO_OUT) $(STAMP_NODE) ## Run the whole test suite (sets itself up)
 	$(BIN)/python -m pytest
 
+deploy-check: $(PROTO_OUT) ## Check deploy/ and the Containerfile offline (kustomize, schemas, policies)
+	$(BIN)/python -m pytest -q tests/deploy
+
 lint: $(PROTO_OUT) ## ruff
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check services tests bench
@@ -62,4 +65,4 @@ bench: $(PROTO_OUT) $(STAMP_NODE) ## Run the benchmarks
 clean: ## Remove the virtualenv, node modules and generated code
 	rm -rf $(VENV) tests/oidc/node_modules services/keyrelay/auth/v1/*_pb2*
 
-.PHONY: help venv gen check-protos node test lint typecheck fmt run bench clean
+.PHONY: help venv gen check-protos node test deploy-check lint typecheck fmt run bench clean
