@@ -79,6 +79,25 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """``[auth.web]``: the auth service's HTTP side (probes, metrics, the connect page)."""
+
+    listen: str = "127.0.0.1:8081"
+    # Where browsers reach this side; the provider redirects to public_url + /callback.
+    # None: no web callback (every connection is finished by pasting the code).
+    public_url: str | None = None
+    session_ttl_seconds: float = 8 * 3600.0
+
+    @property
+    def callback_uri(self) -> str | None:
+        return f"{self.public_url}/callback" if self.public_url else None
+
+    @property
+    def secure_cookies(self) -> bool:
+        return (self.public_url or "").startswith("https://")
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     encryption_keys: tuple[EncryptionKey, ...]
     callers: tuple[Caller, ...]
@@ -99,6 +118,7 @@ class AuthConfig:
     refresh_backoff_cap_seconds: float = 60.0
     log_level: str = "info"
     tls: TlsConfig | None = None
+    web: WebConfig | None = None  # no [auth.web] section: no HTTP side
 
 
 def read_text_file(path: str) -> str:
@@ -258,6 +278,49 @@ def _check_url(section: _Section, name: str, value: str, *, allow_http: bool = T
     return value
 
 
+def host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); ValueError when malformed."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _parse_web(section: _Section) -> WebConfig:
+    listen = section.string("listen", "127.0.0.1:8081")
+    try:
+        host, port = host_port(listen)
+    except ValueError:
+        raise ConfigError(
+            f"{section.key('listen')}: must be host:port (e.g. 0.0.0.0:8081), got {listen!r}"
+        ) from None
+    public_url = section.optional_string("public_url")
+    if public_url is not None:
+        _check_url(section, "public_url", public_url)
+        parts = urlsplit(public_url)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{section.key('public_url')}: must be scheme://host[:port] without a path, "
+                f"got {public_url!r}"
+            )
+        public_url = public_url.rstrip("/")
+    elif host in _LOOPBACK_HOSTS and port != 0:
+        # Only a loopback address is known to be what the browser uses too.
+        public_url = f"http://{listen}"
+    web = WebConfig(
+        listen=listen,
+        public_url=public_url,
+        session_ttl_seconds=section.number("session_ttl_seconds", 8 * 3600.0, minimum=60),
+    )
+    section.reject_unknown()
+    return web
+
+
 def _parse_provider(
     name: str, section: _Section, env: Mapping[str, str], read_file: ReadFile
 ) -> ProviderConfig:
@@ -341,6 +404,8 @@ def parse_auth_config(
             client_ca_file=tls_section.optional_string("client_ca_file"),
         )
         tls_section.reject_unknown()
+    web_section = auth.table("web")
+    web = _parse_web(web_section) if "web" in auth.data else None
     prefix = auth.string("key_prefix", "keyrelay:")
     lock_ttl = auth.number("lock_ttl_seconds", 10.0, minimum=0.1)
     refresh_deadline = auth.number("refresh_deadline_seconds", 30.0, minimum=0.1)
@@ -375,6 +440,7 @@ def parse_auth_config(
         refresh_backoff_cap_seconds=auth.number("refresh_backoff_cap_seconds", 60.0, minimum=0.01),
         log_level=auth.string("log_level", "info").lower(),
         tls=tls,
+        web=web,
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("auth.log_level: must be one of debug, info, warning, error")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -10,10 +9,8 @@ import pytest
 
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.conftest import rpc_code
-from tests.support.oidc import OidcServer, complete_login
+from tests.support.oidc import OidcServer, PasteForm, as_pasted, complete_login
 from tests.support.stack import PROVIDER, admin_md, gateway_md
-
-PasteForm = Literal["url", "code#state", "bare"]
 
 
 async def connect(
@@ -26,13 +23,7 @@ async def connect(
     flow = await stub.StartFlow(
         auth_pb2.StartFlowRequest(account_id=account, provider=PROVIDER), metadata=admin_md()
     )
-    redirect = complete_login(flow.authorize_url, login=login)
-    query = parse_qs(urlsplit(redirect).query)
-    pasted = {
-        "url": redirect,
-        "code#state": f"{query['code'][0]}#{query['state'][0]}",
-        "bare": query["code"][0],
-    }[form]
+    pasted = as_pasted(complete_login(flow.authorize_url, login=login), form)
     account_msg: auth_pb2.Account = await stub.SubmitCode(
         auth_pb2.SubmitCodeRequest(flow_id=flow.flow_id, code=pasted), metadata=admin_md()
     )

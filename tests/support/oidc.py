@@ -382,3 +382,15 @@ def _check_final_redirect(location: str) -> str:
 
 def _snippet(text: str) -> str:
     return " ".join(text.split())[:800]
+
+
+PasteForm = Literal["url", "code#state", "bare"]
+
+
+def as_pasted(redirect: str, form: PasteForm) -> str:
+    """What a person pastes from the provider's redirect, in each form DESIGN §1 accepts."""
+    if form == "url":
+        return redirect
+    query = parse_qs(urlsplit(redirect).query)
+    code = query["code"][0]
+    return f"{code}#{query['state'][0]}" if form == "code#state" else code

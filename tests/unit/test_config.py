@@ -164,6 +164,7 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert config.refresh_backoff_cap_seconds == 60.0
     assert config.log_level == "info"
     assert config.tls is None
+    assert config.web is None  # no [auth.web]: no HTTP side
 
 
 def test_events_stream_and_wait_follow_their_defaults() -> None:
@@ -646,6 +647,81 @@ def test_redis_url_and_its_secret_together_are_ambiguous() -> None:
     data = _auth(redis_url="redis://a:6379", redis_url_secret={"env": "KR_REDIS_URL"})
     message = error_of(data)
     assert_error(message, "auth.redis_url", "not both")
+
+
+# --- [auth.web] ------------------------------------------------------------------------
+
+
+def test_an_empty_web_section_enables_the_http_side_on_loopback() -> None:
+    web = parse(_auth(web={})).web
+    assert web is not None
+    assert web.listen == "127.0.0.1:8081"
+    assert web.public_url == "http://127.0.0.1:8081"
+    assert web.callback_uri == "http://127.0.0.1:8081/callback"
+    assert web.session_ttl_seconds == 8 * 3600.0
+    assert not web.secure_cookies
+
+
+@pytest.mark.parametrize(
+    ("listen", "public_url"),
+    [
+        ("0.0.0.0:8081", None),  # what browsers use cannot be known from a wildcard address
+        ("10.0.0.5:8081", None),
+        ("127.0.0.1:0", None),  # a port picked at start is not in any provider's list
+        ("localhost:9000", "http://localhost:9000"),
+        ("[::1]:9000", "http://[::1]:9000"),
+    ],
+)
+def test_public_url_defaults_only_for_a_fixed_loopback_address(
+    listen: str, public_url: str | None
+) -> None:
+    web = parse(_auth(web={"listen": listen})).web
+    assert web is not None
+    assert web.public_url == public_url
+    assert web.callback_uri == (f"{public_url}/callback" if public_url else None)
+
+
+def test_public_url_https_turns_on_secure_cookies_and_loses_its_slash() -> None:
+    data = _auth(
+        web={
+            "listen": "0.0.0.0:8081",
+            "public_url": "https://keyrelay.example.com/",
+            "session_ttl_seconds": 600,
+        }
+    )
+    web = parse(data).web
+    assert web is not None
+    assert web.public_url == "https://keyrelay.example.com"
+    assert web.callback_uri == "https://keyrelay.example.com/callback"
+    assert web.session_ttl_seconds == 600.0
+    assert web.secure_cookies
+
+
+@pytest.mark.parametrize(
+    ("web", "key", "problem"),
+    [
+        ("on", "auth.web", "must be a table"),
+        ({"listen": 8081}, "auth.web.listen", "must be a non-empty string, got 8081"),
+        ({"listen": ""}, "auth.web.listen", "must be a non-empty string"),
+        ({"listen": "8081"}, "auth.web.listen", "must be host:port"),
+        ({"listen": ":8081"}, "auth.web.listen", "must be host:port"),
+        ({"listen": "localhost"}, "auth.web.listen", "must be host:port"),
+        ({"listen": "127.0.0.1:http"}, "auth.web.listen", "must be host:port"),
+        ({"listen": "127.0.0.1:70000"}, "auth.web.listen", "must be host:port"),
+        ({"listen": "127.0.0.1:-1"}, "auth.web.listen", "must be host:port"),
+        ({"public_url": "keyrelay.example"}, "auth.web.public_url", "must be an http(s) URL"),
+        ({"public_url": "ftp://keyrelay.example"}, "auth.web.public_url", "http(s) URL"),
+        ({"public_url": 1}, "auth.web.public_url", "must be a non-empty string"),
+        ({"public_url": "https://k.example/keyrelay"}, "auth.web.public_url", "without a path"),
+        ({"public_url": "https://k.example/?x=1"}, "auth.web.public_url", "without a path"),
+        ({"public_url": "https://k.example/#top"}, "auth.web.public_url", "without a path"),
+        ({"session_ttl_seconds": 59}, "auth.web.session_ttl_seconds", "must be a number >= 60"),
+        ({"session_ttl_seconds": "8h"}, "auth.web.session_ttl_seconds", "must be a number"),
+        ({"listen": "127.0.0.1:8081", "port": 8081}, "auth.web.port", "unknown key"),
+    ],
+)
+def test_malformed_web_section(web: Any, key: str, problem: str) -> None:
+    assert_error(error_of(_auth(web=web)), key, problem)
 
 
 # --- providers -------------------------------------------------------------------------

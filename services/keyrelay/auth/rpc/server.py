@@ -21,6 +21,7 @@ from keyrelay.auth.service import AuthService, Timings
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.auth.web.app import WebServer, start_web
 from keyrelay.config import AuthConfig, TlsConfig
 
 log = logging.getLogger("keyrelay.auth.server")
@@ -35,10 +36,12 @@ class RunningServer:
     store: RedisStore
     client: ProviderClient
     health: health_aio.HealthServicer
+    web: WebServer | None = None  # [auth.web]: probes, metrics, the connect page
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # The HTTP side stops with the gRPC server: both finish what is in flight.
+        await asyncio.gather(self.server.stop(grace), *([self.web.stop()] if self.web else []))
         await self.client.aclose()
         await self.store.close()
 
@@ -99,7 +102,16 @@ async def start_server(config: AuthConfig) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("auth service listening", extra={"address": config.listen, "port": port})
-    return RunningServer(server, port, service, store, client, health)
+    web = None
+    if config.web is not None:
+        try:
+            web = await start_web(config, service, store.client)
+        except BaseException:
+            await server.stop(0)
+            await client.aclose()
+            await store.close()
+            raise
+    return RunningServer(server, port, service, store, client, health, web=web)
 
 
 async def serve(config: AuthConfig) -> None:

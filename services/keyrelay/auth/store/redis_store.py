@@ -219,6 +219,11 @@ class RedisStore:
             client, cipher, prefix=prefix, events_stream=events_stream, events_maxlen=events_maxlen
         )
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection pool, for other keys under the same prefix (web sessions)."""
+        return self._redis
+
     async def close(self) -> None:
         await self._redis.aclose()
 

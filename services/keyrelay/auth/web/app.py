@@ -1,0 +1,520 @@
+"""The auth service's HTTP side (``[auth.web]``): probes, metrics and the connect page.
+
+It runs on aiohttp's server in the same process and event loop as the gRPC
+server and calls the same ``AuthService`` object; like the servicer, the
+handlers only translate (forms and query strings in, HTML out) and delegate.
+
+===============  =====  ==========================================================
+``/healthz``     GET    alive (no login)
+``/readyz``      GET    Redis answers (no login)
+``/metrics``     GET    Prometheus text of the default registry (no login)
+``/login``       GET    the login form; POST: an admin service token → session cookie
+``/logout``      POST   ends the session
+``/``            GET    accounts, flows waiting for a code, the Connect form
+``/connect``     POST   StartFlow; 302 to the provider when it redirects back here
+``/callback``    GET    the provider's redirect: SubmitCode, then back to ``/``
+``/paste``       POST   SubmitCode with a pasted code / ``code#state`` / redirect URL
+``/cancel``      POST   CancelFlow of a waiting flow
+``/disconnect``  POST   Disconnect
+===============  =====  ==========================================================
+
+Security: the session cookie is a random id (HttpOnly, SameSite=Strict, Secure
+when ``public_url`` is https; see ``sessions.py`` for what Redis keeps); every
+POST carries the session's CSRF token (the login form a pre-session one in a
+cookie of its own); pages are sent with a CSP that allows no script at all, and
+``Referrer-Policy: no-referrer`` so the callback's address (it carries the
+code) never leaves in a Referer. The access log has the path only, never a
+query string. ``/callback`` needs no session: the OAuth ``state`` is the
+credential there, and it only exists for a flow an admin started here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from multidict import MultiDictProxy
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.asyncio import Redis
+
+from keyrelay.auth.core.codes import parse_pasted_code
+from keyrelay.auth.core.errors import (
+    AuthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from keyrelay.auth.rpc.interceptors import CallerAuthenticator
+from keyrelay.auth.service import AuthService
+from keyrelay.auth.web.pages import (
+    Flash,
+    Html,
+    accounts_page,
+    callback_done_page,
+    login_page,
+    message_page,
+)
+from keyrelay.auth.web.sessions import PendingFlow, Session, SessionStore, caller_fingerprint
+from keyrelay.config import AuthConfig, WebConfig, host_port
+
+log = logging.getLogger("keyrelay.auth.web")
+access_log = logging.getLogger("keyrelay.auth.web.access")
+
+SESSION_COOKIE = "keyrelay_session"
+LOGIN_COOKIE = "keyrelay_login"
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_FORM_BYTES = 64 * 1024
+
+# The usual gRPC → HTTP mapping (as grpc-gateway does it).
+HTTP_STATUS: Mapping[type[AuthError], int] = {
+    NotFound: 404,
+    InvalidArgument: 400,
+    FailedPrecondition: 400,
+    Unavailable: 503,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+}
+
+
+def http_status(error: AuthError) -> int:
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+class PageError(Exception):
+    """Ends a request with a message page and this status."""
+
+    def __init__(self, status: int, title: str, text: str) -> None:
+        super().__init__(text)
+        self.status, self.title, self.text = status, title, text
+
+
+def html_response(body: Html, status: int = 200) -> web.Response:
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+
+def _field(form: MultiDictProxy[Any], name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _state_of(authorize_url: str) -> str:
+    # StartFlow put the state in the URL it returns (and only there).
+    return parse_qs(urlsplit(authorize_url).query).get("state", [""])[-1]
+
+
+def _same(presented: str, expected: str) -> bool:
+    return bool(presented) and hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path and status. The query (a code!) never."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.log(
+            logging.DEBUG if request.path in PROBES else logging.INFO,
+            "web request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 1),
+            },
+        )
+
+
+class WebApp:
+    def __init__(
+        self,
+        config: AuthConfig,
+        web_config: WebConfig,
+        service: AuthService,
+        sessions: SessionStore,
+    ) -> None:
+        self._service = service
+        self._web = web_config
+        self._sessions = sessions
+        self._providers = config.providers
+        self._authenticator = CallerAuthenticator(config.callers)
+        self._admins = [caller_fingerprint(c.token) for c in config.callers if c.role == "admin"]
+        callback = web_config.callback_uri
+        # Each provider: does its allowed list have our callback (else: paste the code)?
+        self._modes = {
+            name: callback is not None and callback in p.redirect_uris
+            for name, p in config.providers.items()
+        }
+        origins = {urlsplit(p.authorize_url) for p in self._providers.values()}
+        form_action = " ".join(["'self'", *sorted(f"{o.scheme}://{o.netloc}" for o in origins)])
+        # form-action also covers the redirect of /connect to the provider.
+        self._csp = (
+            "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+            f"frame-ancestors 'none'; form-action {form_action}"
+        )
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_FORM_BYTES, middlewares=[self._errors])
+        app.on_response_prepare.append(self._headers)
+        app.router.add_get("/healthz", self.healthz, allow_head=True)
+        app.router.add_get("/readyz", self.readyz, allow_head=True)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/login", self.login_form)
+        app.router.add_post("/login", self.login)
+        app.router.add_post("/logout", self.logout)
+        app.router.add_get("/", self.index)
+        app.router.add_post("/connect", self.connect)
+        app.router.add_get("/callback", self.callback)
+        app.router.add_post("/paste", self.paste)
+        app.router.add_post("/cancel", self.cancel)
+        app.router.add_post("/disconnect", self.disconnect)
+        return app
+
+    # -- plumbing -----------------------------------------------------------
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except PageError as exc:
+            return html_response(message_page(exc.title, exc.text), exc.status)
+        except AuthError as exc:
+            return html_response(message_page("Error", str(exc)), http_status(exc))
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("unexpected error in the web page", extra={"path": request.path})
+            text = "internal error; see the service log"
+            return html_response(message_page("Internal error", text), 500)
+
+    async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
+        headers["Server"] = "keyrelay"
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Referrer-Policy"] = "no-referrer"
+        headers["Cache-Control"] = "no-store"
+        if request.path not in PROBES:
+            headers["Content-Security-Policy"] = self._csp
+            headers["X-Frame-Options"] = "DENY"
+
+    def _cookie(
+        self, response: web.StreamResponse, name: str, value: str, *, path: str, max_age: int
+    ) -> None:
+        response.set_cookie(
+            name,
+            value,
+            path=path,
+            max_age=max_age,
+            httponly=True,
+            samesite="Strict",
+            secure=self._web.secure_cookies,
+        )
+
+    def _known_caller(self, fingerprint: str) -> bool:
+        known = False
+        for admin in self._admins:  # all of them: the time does not tell which matched
+            if hmac.compare_digest(admin, fingerprint):
+                known = True
+        return known
+
+    async def _session(self, request: web.Request) -> Session | None:
+        session = await self._sessions.load(request.cookies.get(SESSION_COOKIE, ""))
+        if session is None or not self._known_caller(session.caller):
+            return None
+        return session
+
+    async def _post(self, request: web.Request) -> tuple[Session, MultiDictProxy[Any]]:
+        """A state-changing request: a live session and its CSRF token, or no further."""
+        session = await self._session(request)
+        if session is None:
+            raise PageError(
+                401, "Log in", "Your session ended or you are not logged in: log in again."
+            )
+        form = await request.post()
+        if not _same(_field(form, "csrf"), session.csrf):
+            raise PageError(403, "Forbidden", _CSRF_FAILED)
+        return session, form
+
+    async def _accounts(
+        self,
+        session: Session,
+        *,
+        status: int = 200,
+        error: str | None = None,
+        account_id: str = "",
+        provider: str = "",
+    ) -> web.Response:
+        records = await self._service.list_accounts()
+        session = await self._sessions.reload(session.key) or session
+        now = time.time()
+        pending = []
+        for flow in session.pending:
+            if flow.expires_at <= now:
+                await self._sessions.remove_pending(session.key, flow.handle)
+            else:
+                pending.append(flow.view())
+        flashes = [flash for _, flash in session.flashes]
+        if error is not None:
+            flashes.append(Flash("error", error))
+        await self._sessions.drop_flashes(session)
+        body = accounts_page(
+            records=records,
+            pending=pending,
+            providers=self._modes,
+            csrf=session.csrf,
+            flashes=flashes,
+            account_id=account_id,
+            provider=provider,
+            now=now,
+        )
+        return html_response(body, status)
+
+    async def _done(self, session_key: str, text: str) -> web.Response:
+        await self._sessions.add_flash(session_key, Flash("ok", text))
+        raise web.HTTPSeeOther("/")
+
+    # -- probes -------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            ready = await self._service.ready()
+        except Exception as exc:  # any Redis trouble means not ready
+            log.warning("readiness check failed", extra={"error": type(exc).__name__})
+            ready = False
+        return web.Response(
+            text="ready\n" if ready else "redis unavailable\n", status=200 if ready else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    # -- login --------------------------------------------------------------
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        if await self._session(request) is not None:
+            raise web.HTTPSeeOther("/")
+        login_csrf = secrets.token_urlsafe(32)
+        response = html_response(login_page(login_csrf))
+        self._cookie(response, LOGIN_COOKIE, login_csrf, path="/login", max_age=3600)
+        return response
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        login_csrf = request.cookies.get(LOGIN_COOKIE, "")
+        if not _same(_field(form, "csrf"), login_csrf):
+            raise PageError(403, "Forbidden", _CSRF_FAILED)
+        token = _field(form, "token")
+        if not token:
+            return html_response(login_page(login_csrf, error="Enter an admin token."), 400)
+        try:
+            role = self._authenticator.role_of(f"Bearer {token}")
+        except Unauthenticated:
+            log.warning("web login refused: unknown token", extra={"remote": request.remote})
+            return html_response(login_page(login_csrf, error="Unknown token."), 401)
+        if role != "admin":
+            log.warning("web login refused: not an admin token", extra={"role": role})
+            text = f"This token has the {role} role; the web page needs an admin token."
+            return html_response(login_page(login_csrf, error=text), 403)
+        session_id, _ = await self._sessions.create(caller_fingerprint(token))
+        log.info("web login", extra={"remote": request.remote})
+        response = web.HTTPSeeOther("/")
+        self._cookie(
+            response,
+            SESSION_COOKIE,
+            session_id,
+            path="/",
+            max_age=int(self._web.session_ttl_seconds),
+        )
+        response.del_cookie(LOGIN_COOKIE, path="/login")
+        raise response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        session, _ = await self._post(request)
+        await self._sessions.delete(session)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+
+    # -- the page -----------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        session = await self._session(request)
+        if session is None:
+            raise web.HTTPSeeOther("/login")
+        return await self._accounts(session)
+
+    async def connect(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        account_id, provider = _field(form, "account_id"), _field(form, "provider")
+        via_callback = self._modes.get(provider, False)
+        callback = self._web.callback_uri if via_callback else None
+        try:
+            flow = await self._service.start_flow(account_id, provider, callback or "")
+        except AuthError as exc:
+            return await self._accounts(
+                session,
+                status=http_status(exc),
+                error=str(exc),
+                account_id=account_id,
+                provider=provider,
+            )
+        pending = PendingFlow(
+            handle=secrets.token_urlsafe(12),
+            flow_id=flow.flow_id,
+            account_id=account_id,
+            provider=provider,
+            authorize_url=flow.authorize_url,
+            expires_at=flow.expires_at,
+            via_callback=via_callback,
+        )
+        await self._sessions.add_pending(session, pending, _state_of(flow.authorize_url))
+        if via_callback:
+            raise web.HTTPFound(flow.authorize_url)
+        return await self._done(
+            session.key,
+            f"Connecting {account_id} at {provider}: open the provider's page below, approve, "
+            "then paste the code it shows you (or the whole address it sent you to).",
+        )
+
+    async def callback(self, request: web.Request) -> web.Response:
+        # The redirect is what a person would paste: the service parses the code,
+        # an error= of the provider and the state (checked in constant time) itself.
+        redirect = "?" + request.rel_url.raw_query_string
+        found = await self._sessions.take_state(request.query.get("state", ""))
+        if found is None:
+            if "error" in request.query:
+                try:
+                    parse_pasted_code(redirect)
+                except InvalidArgument as exc:
+                    raise PageError(400, "Access refused", str(exc)) from None
+            raise PageError(400, "State mismatch", _STATE_UNKNOWN)
+        session_key, flow = found
+        await self._sessions.remove_pending(session_key, flow.handle)
+        try:
+            record = await self._service.submit_code(flow.flow_id, redirect)
+        except AuthError as exc:
+            if "error" in request.query:
+                with suppress(NotFound):
+                    await self._service.cancel_flow(flow.flow_id)
+            raise PageError(
+                http_status(exc), "Connection failed", f"Connecting {flow.account_id}: {exc}"
+            ) from None
+        text = f"Connected {record.account_id} at {record.provider}."
+        current = await self._session(request)
+        if current is not None and current.key == session_key:
+            return await self._done(session_key, text)
+        # No session cookie on a redirect chain from another site (SameSite=Strict):
+        # a navigation this page starts carries it.
+        await self._sessions.add_flash(session_key, Flash("ok", text))
+        return html_response(callback_done_page(text))
+
+    def _pending(self, session: Session, handle: str) -> PendingFlow:
+        for flow in session.pending:
+            if flow.handle == handle:
+                return flow
+        raise NotFound(
+            "this connection is not waiting for a code any more (it expired, was cancelled "
+            "or finished): start a new one"
+        )
+
+    async def paste(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        try:
+            flow = self._pending(session, _field(form, "flow"))
+            try:
+                record = await self._service.submit_code(flow.flow_id, _field(form, "code"))
+            except InvalidArgument:
+                raise  # the flow is still usable: keep it on the page
+            except AuthError:
+                await self._sessions.remove_pending(session.key, flow.handle)
+                raise
+        except AuthError as exc:
+            return await self._accounts(session, status=http_status(exc), error=str(exc))
+        await self._sessions.remove_pending(session.key, flow.handle)
+        return await self._done(session.key, f"Connected {record.account_id} at {record.provider}.")
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        try:
+            flow = self._pending(session, _field(form, "flow"))
+        except AuthError as exc:
+            return await self._accounts(session, status=http_status(exc), error=str(exc))
+        await self._sessions.remove_pending(session.key, flow.handle)
+        with suppress(NotFound):
+            await self._service.cancel_flow(flow.flow_id)
+        return await self._done(session.key, f"Cancelled connecting {flow.account_id}.")
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        account_id = _field(form, "account_id")
+        try:
+            record = await self._service.disconnect(account_id)
+        except AuthError as exc:
+            return await self._accounts(session, status=http_status(exc), error=str(exc))
+        return await self._done(session.key, f"Disconnected {record.account_id}.")
+
+
+_CSRF_FAILED = (
+    "This form did not come from this page or has expired (CSRF check failed): "
+    "reload the page and try again."
+)
+_STATE_UNKNOWN = (
+    "state mismatch: this address does not belong to a connection started on this page, "
+    "or that connection expired or was already finished; start a new connection"
+)
+
+
+@dataclass
+class WebServer:
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        """Stops accepting, lets running requests finish (the runner's shutdown timeout)."""
+        await self.runner.cleanup()
+
+
+async def start_web(
+    config: AuthConfig, service: AuthService, client: Redis, *, shutdown_timeout: float = 10.0
+) -> WebServer:
+    """Serves ``config.web`` on the running loop (port 0 picks a free port; see ``.port``)."""
+    assert config.web is not None
+    sessions = SessionStore(client, config.key_prefix, config.web.session_ttl_seconds)
+    app = WebApp(config, config.web, service, sessions).application()
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=access_log,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    host, port = host_port(config.web.listen)
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound: Sequence[Any] = runner.addresses
+    actual = int(bound[0][1]) if bound else port
+    log.info("web side listening", extra={"address": config.web.listen, "port": actual})
+    return WebServer(runner, actual)
