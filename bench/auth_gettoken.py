@@ -53,11 +53,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -75,6 +74,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import (  # noqa: E402
+    SATURATED,
+    CpuMeter,
+    HostMeter,
+    add_window_args,
+    fmt_cpu,
+    fmt_ms,
+    interrupts_raise,
+    mark,
+    percentile,
+    resolve_window_args,
+    table,
+)
 from tests.integration.test_auth_flow import connect  # noqa: E402
 from tests.support.oidc import OidcServer  # noqa: E402
 from tests.support.redis_server import RedisServer, free_port  # noqa: E402
@@ -92,72 +104,6 @@ HERD_TOKEN_TTL = 4  # access-token lifetime at the provider in the herd phase (s
 HERD_SKEW = 1.0  # auth.skew_seconds of the herd replicas
 REPLICAS = 3
 FLOOR_LABEL = "bare grpc.aio"
-SATURATED = 90.0  # % of one core above which a process counts as saturated
-
-
-# -- CPU accounting from /proc ------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads), or None off Linux."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state) of proc(5); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def host_busy_seconds() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine, all cores, or None off Linux."""
-    try:
-        first = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    ticks = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
-    total = sum(ticks)
-    hz = os.sysconf("SC_CLK_TCK")
-    return (total - ticks[3] - ticks[4]) / hz, total / hz
-
-
-class HostMeter:
-    """% of the whole machine (all cores) busy between `start()` and `stop()`."""
-
-    def __init__(self) -> None:
-        self._begin: tuple[float, float] | None = None
-
-    def start(self) -> None:
-        self._begin = host_busy_seconds()
-
-    def stop(self) -> float | None:
-        end = host_busy_seconds()
-        if self._begin is None or end is None or end[1] <= self._begin[1]:
-            return None
-        return 100.0 * (end[0] - self._begin[0]) / (end[1] - self._begin[1])
-
-
-class CpuMeter:
-    """CPU % of one core used by a set of processes between `start()` and `stop()`."""
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self._pids = list(pids)
-        self._begin: list[float | None] = []
-        self._wall = 0.0
-
-    def start(self) -> None:
-        self._begin = [cpu_seconds(p) for p in self._pids]
-        self._wall = time.monotonic()
-
-    def stop(self) -> float | None:
-        wall = time.monotonic() - self._wall
-        end = [cpu_seconds(p) for p in self._pids]
-        used = 0.0
-        for before, after in zip(self._begin, end, strict=True):
-            if before is None or after is None:
-                return None
-            used += after - before
-        return 100.0 * used / wall if wall > 0 else None
 
 
 # -- the load generator (runs in spawned processes) -----------------------------------------
@@ -267,15 +213,6 @@ class LoadResult:
 
     def percentile_ms(self, q: float) -> float:
         return 1000.0 * percentile(self.latencies, q)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def run_load(
@@ -528,29 +465,6 @@ async def connect_account(address: str, account: str, login: str) -> None:
 # -- output --------------------------------------------------------------------------------
 
 
-def mark(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def fmt_ms(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2f}"
-
-
-def fmt_cpu(value: float | None, procs: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:.0f}%"
-    return text + (" SAT" if value >= SATURATED * procs else "")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    return "\n".join(lines)
-
-
 def fast_target(result: LoadResult) -> str:
     if result.concurrency != FAST_TARGET_CONCURRENCY:
         return ""
@@ -646,45 +560,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark GetToken of `keyrelay auth serve` replicas on loopback."
     )
-    parser.add_argument("--seconds", type=float, default=None, help="measurement window (3)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up per window (1)")
+    add_window_args(parser, quick_help="smoke run: 0.5 s windows, one herd round")
     parser.add_argument("--herd", type=int, default=300, help="concurrent callers per expiry")
     parser.add_argument("--rounds", type=int, default=None, help="expiries of the herd (3)")
     parser.add_argument(
         "--load-procs", type=int, default=1, help="load-generator processes per scenario (1)"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 0.5 s windows, one herd round"
-    )
     args = parser.parse_args(argv)
-    if args.seconds is None:
-        args.seconds = 0.5 if args.quick else 3.0
-    if args.warmup is None:
-        args.warmup = 0.2 if args.quick else 1.0
+    resolve_window_args(parser, args)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
-    if args.seconds <= 0 or args.warmup < 0 or args.herd < 1 or args.rounds < 1:
-        parser.error("--seconds must be > 0, --warmup >= 0, --herd and --rounds >= 1")
+    if args.herd < 1 or args.rounds < 1:
+        parser.error("--herd and --rounds must be >= 1")
     return args
-
-
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt right where the script is.
-
-    Also inside ``asyncio.run``, which otherwise turns Ctrl-C into a cancellation
-    that a failing call (the children got the Ctrl-C too) can overtake.
-    """
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:

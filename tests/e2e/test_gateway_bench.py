@@ -1,0 +1,55 @@
+"""The gateway benchmark runs end to end: upstream, gateway and load processes, every row printed.
+
+Only that it completes and prints its rows; its numbers are never checked (timing
+on a shared machine says nothing about correctness).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_gateway_smoke_run_prints_every_row(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/gateway.py",
+            "--quick",
+            "--seconds",
+            "0.2",
+            "--warmup",
+            "0.05",
+            "--stream-client",
+            "chunks",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "preflight: every path answers" in out
+    for label in ("direct", "gw plain", "gw tools"):
+        # one non-stream row per concurrency and one stream row per path
+        rows = [line for line in out.splitlines() if re.search(rf"\s{label}\s", line)]
+        assert len(rows) >= 3, (label, out)
+    for target in (
+        "p50 added at concurrency 1",
+        "non-stream req/s per gateway core",
+        "streaming >= 0.85x direct",
+        "gateway CPU per untouched SSE event",
+    ):
+        assert re.search(rf"\[(PASS|MISS)\] gw plain: .*{re.escape(target)}", out), target
+    assert list(tmp_path.iterdir()) == []  # its temporary directory is gone
