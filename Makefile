@@ -39,6 +39,12 @@ $(STAMP_NODE): tests/oidc/package.json tests/oidc/package-lock.json
 
 node: $(STAMP_NODE) ## Install the OAuth test server (oidc-provider) for the tests
 
+# The web page's browser test drives Debian's chromium (Playwright, no browser download).
+browser: ## Install chromium for the browser test (apt-get, as root; once)
+	@command -v chromium >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@chromium --version
+
 test: $(PROTO_OUT) $(STAMP_NODE) ## Run the whole test suite (sets itself up)
 	$(BIN)/python -m pytest
 
@@ -66,4 +72,4 @@ bench: $(PROTO_OUT) $(STAMP_NODE) ## Run the benchmarks
 clean: ## Remove the virtualenv, node modules and generated code
 	rm -rf $(VENV) tests/oidc/node_modules services/keyrelay/auth/v1/*_pb2*
 
-.PHONY: help venv gen check-protos node test deploy-check lint typecheck fmt run bench clean
+.PHONY: help venv gen check-protos node browser test deploy-check lint typecheck fmt run bench clean

@@ -83,6 +83,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         account=args.account,
         upstream_url=args.upstream,
+        web_port=args.web_port,
     )
 
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")
     dev.add_argument("--auth-port", type=int, default=50051)
     dev.add_argument("--gateway-port", type=int, default=8080)
+    dev.add_argument("--web-port", type=int, default=8081, help="the web connect page")
     dev.add_argument("--account", default="default", help="account the dev gateway key uses")
     dev.add_argument(
         "--upstream",

@@ -31,6 +31,9 @@ from keyrelay.gateway.keys import key_hash, new_key
 PROVIDERS_EXAMPLE = """\
 # OAuth providers for `keyrelay dev`. Uncomment and fill in one, then restart.
 # Client secrets are never written here: point at a file or an environment variable.
+# The web connect page's callback (http://127.0.0.1:8081/callback with the default
+# --web-port) is added to every provider's redirect_uris; register it at the provider
+# to be sent back to the page, or paste the code there.
 #
 # [providers.example]
 # authorize_url = "https://auth.example.com/oauth/authorize"
@@ -90,6 +93,7 @@ class DevStack:
     state_dir: Path
     auth_port: int = 50051
     gateway_port: int = 8080
+    web_port: int = 8081
     account: str = "default"
     upstream_url: str = "https://api.anthropic.com"
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
@@ -109,6 +113,11 @@ class DevStack:
         if not providers_path.exists():
             providers_path.write_text(PROVIDERS_EXAMPLE)
         providers = load_toml(str(providers_path)).get("providers", {})
+        callback = f"{self.web_url}/callback"
+        for provider in providers.values() if isinstance(providers, dict) else ():
+            uris = provider.get("redirect_uris") if isinstance(provider, dict) else None
+            if isinstance(uris, list) and callback not in uris:
+                uris.append(callback)  # the web page's callback, in the generated config only
         redis_url = os.environ.get("REDIS_URL") or self._start_redis()
         data: dict[str, Any] = {
             "auth": {
@@ -119,6 +128,7 @@ class DevStack:
                     {"role": "admin", "token": {"file": str(admin)}},
                     {"role": "gateway", "token": {"file": str(gateway)}},
                 ],
+                "web": {"listen": f"127.0.0.1:{self.web_port}"},
             },
             "providers": providers,
         }
@@ -154,6 +164,10 @@ class DevStack:
         )
         return config_path, gateway_path
 
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
     def _start_redis(self) -> str:
         data_dir = self.state_dir / "redis"
         data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -176,12 +190,13 @@ class DevStack:
             time.sleep(0.05)
         raise DevError(f"{name} did not start listening on port {port}")
 
-    def start_service(self, service: str, config_path: Path, port: int) -> None:
+    def start_service(self, service: str, config_path: Path, *ports: int) -> None:
         process = subprocess.Popen(
             [sys.executable, "-m", "keyrelay", service, "serve", "--config", str(config_path)]
         )
         self.processes.append((service, process))
-        self._wait_for_port(port, service, process)
+        for port in ports:
+            self._wait_for_port(port, service, process)
 
     def stop(self) -> None:
         for _name, process in reversed(self.processes):
@@ -204,12 +219,19 @@ class DevStack:
 
 
 def run_dev(
-    state_dir: Path, *, auth_port: int, gateway_port: int, account: str, upstream_url: str
+    state_dir: Path,
+    *,
+    auth_port: int,
+    gateway_port: int,
+    account: str,
+    upstream_url: str,
+    web_port: int = 8081,
 ) -> int:
     stack = DevStack(
         state_dir.resolve(),
         auth_port=auth_port,
         gateway_port=gateway_port,
+        web_port=web_port,
         account=account,
         upstream_url=upstream_url,
     )
@@ -220,7 +242,7 @@ def run_dev(
     signal.signal(signal.SIGTERM, on_signal)
     try:
         auth_config, gateway_config = stack.prepare()
-        stack.start_service("auth", auth_config, auth_port)
+        stack.start_service("auth", auth_config, auth_port, web_port)
         stack.start_service("gateway", gateway_config, gateway_port)
         secrets_dir = stack.state_dir / "secrets"
         print(
@@ -229,9 +251,11 @@ def run_dev(
             f"  gateway key          {secrets_dir / 'gateway_key'}  (routes to account "
             f"{account!r}, upstream {upstream_url})\n"
             f"  auth service (gRPC)  127.0.0.1:{auth_port}\n"
+            f"  web connect page     {stack.web_url}/  (log in with the admin token)\n"
             f"  admin token          {secrets_dir / 'admin_token'}\n"
             f"  providers            {stack.state_dir / 'providers.toml'}\n\n"
-            "Connect the account, then point any Messages API client at the gateway:\n"
+            "Connect the account (on the web page, or from the terminal), then point any "
+            "Messages API client at the gateway:\n"
             f"  export KEYRELAY_ADMIN_TOKEN=$(cat {secrets_dir / 'admin_token'})\n"
             f"  keyrelay connect {account} --provider NAME --auth 127.0.0.1:{auth_port}\n"
             f"  ANTHROPIC_BASE_URL=http://127.0.0.1:{gateway_port} "

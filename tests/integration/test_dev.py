@@ -12,12 +12,18 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.support.redis_server import free_port
+from keyrelay.config import load_auth_config
+from keyrelay.dev import DevStack
+from tests.support.redis_server import RedisServer, free_port
 
 
-def start_dev(state_dir: Path, port: int, gateway_port: int) -> subprocess.Popen[str]:
+def start_dev(
+    state_dir: Path, port: int, gateway_port: int, web_port: int
+) -> tuple[subprocess.Popen[str], str]:
+    """Starts ``keyrelay dev``; returns the process and what it printed until it was up."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     process = subprocess.Popen(
         [
@@ -31,6 +37,8 @@ def start_dev(state_dir: Path, port: int, gateway_port: int) -> subprocess.Popen
             str(port),
             "--gateway-port",
             str(gateway_port),
+            "--web-port",
+            str(web_port),
             "--account",
             "devacct",
             "--upstream",
@@ -42,12 +50,14 @@ def start_dev(state_dir: Path, port: int, gateway_port: int) -> subprocess.Popen
         env=env,
     )
     assert process.stdout is not None
+    printed = ""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         assert line, f"keyrelay dev exited: {process.stderr.read() if process.stderr else ''}"
+        printed += line
         if "Ctrl-C stops everything" in line:
-            return process
+            return process, printed
     raise AssertionError("keyrelay dev never reported that it is running")
 
 
@@ -73,10 +83,17 @@ def stop(process: subprocess.Popen[str]) -> int:
 
 def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    port, gateway_port = free_port(), free_port()
+    port, gateway_port, web_port = free_port(), free_port(), free_port()
     gateway = f"http://127.0.0.1:{gateway_port}"
-    process = start_dev(state, port, gateway_port)
+    web = f"http://127.0.0.1:{web_port}"
+    process, printed = start_dev(state, port, gateway_port, web_port)
     try:
+        assert f"web connect page     {web}/" in printed
+        # The auth service's web side is up: probes, and the login page.
+        assert httpx.get(f"{web}/healthz", timeout=10).text == "ok\n"
+        login = httpx.get(f"{web}/", timeout=10, follow_redirects=True)
+        assert (login.status_code, login.url.path) == (200, "/login")
+        assert "Admin token" in login.text
         secrets_dir = state / "secrets"
         token = (secrets_dir / "admin_token").read_text().strip()
         key = (secrets_dir / "gateway_key").read_text().strip()
@@ -109,7 +126,7 @@ def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
     except httpx.ConnectError:
         pass
 
-    again = start_dev(state, port, gateway_port)
+    again, _ = start_dev(state, port, gateway_port, web_port)
     try:
         assert (state / "secrets" / "admin_token").read_text().strip() == token
         assert (state / "secrets" / "gateway_key").read_text().strip() == key
@@ -143,3 +160,30 @@ def test_dev_with_a_broken_providers_file_names_the_key(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "providers.x." in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dev_config_enables_the_web_side_and_allows_its_callback(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_server.url)  # no Redis of its own
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "providers.toml").write_text(
+        "[providers.idp]\n"
+        'authorize_url = "https://idp.example/authorize"\n'
+        'token_url = "https://idp.example/token"\n'
+        'client_id = "keyrelay-dev"\n'
+        'redirect_uris = ["http://127.0.0.1:8765/callback"]\n'
+    )
+    stack = DevStack(state, web_port=18081)
+    auth_path, _ = stack.prepare()
+    config = load_auth_config(str(auth_path), os.environ)
+    assert config.web is not None
+    assert config.web.listen == "127.0.0.1:18081"
+    assert config.web.callback_uri == "http://127.0.0.1:18081/callback"
+    assert config.providers["idp"].redirect_uris == (
+        "http://127.0.0.1:8765/callback",
+        "http://127.0.0.1:18081/callback",
+    )
+    # providers.toml, the file the user edits, is left as it was.
+    assert "18081" not in (state / "providers.toml").read_text()

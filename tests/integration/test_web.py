@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import redis
 
-from keyrelay.auth.rpc.server import RunningServer, start_server
+from keyrelay.auth.rpc.server import RunningServer
 from keyrelay.logs import JsonFormatter
 from tests.support.oidc import (
     DEFAULT_REDIRECT_URI,
@@ -20,7 +20,7 @@ from tests.support.oidc import (
     as_pasted,
     complete_login,
 )
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 from tests.support.stack import ADMIN_TOKEN, GATEWAY_TOKEN, PROVIDER
 from tests.support.web import (
     PASTE_PROVIDER,
@@ -28,30 +28,7 @@ from tests.support.web import (
     abort_at_provider,
     callback_uri,
     form,
-    web_config,
 )
-
-
-@pytest.fixture(scope="module")
-def web_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def web_oidc(web_port: int) -> Iterator[OidcServer]:
-    uris = (callback_uri(web_port), DEFAULT_REDIRECT_URI)
-    with OidcServer.start(redirect_uris=uris) as server:
-        yield server
-
-
-@pytest.fixture
-async def web_server(
-    redis_server: RedisServer, web_oidc: OidcServer, prefix: str, web_port: int
-) -> AsyncIterator[RunningServer]:
-    config = web_config(redis_server.url, web_oidc, prefix=prefix, web_port=web_port)
-    running = await start_server(config)
-    yield running
-    await running.stop(grace=0.5)
 
 
 @pytest.fixture

@@ -102,6 +102,7 @@ label{margin-right:.8em}
 .muted{color:#6b7280;font-size:.9em}
 .paste input[type=text]{width:28em}
 code{font-size:.9em}
+td strong{white-space:nowrap}
 """
 
 _PAGE = """<!DOCTYPE html>
@@ -264,6 +265,8 @@ def _connect_form(providers: Mapping[str, bool], csrf: str, account_id: str, pro
             '<p class="muted">No provider is configured: add a <code>[providers.NAME]</code> '
             "table to the auth service's config.</p>"
         )
+    if provider not in providers:  # preselect one that redirects back here, if any
+        provider = min(providers, key=lambda name: (not providers[name], name))
     options = join(
         render(
             '<option value="$name"$selected>$label</option>',
