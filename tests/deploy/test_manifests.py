@@ -336,6 +336,10 @@ def test_configs_parse_with_keyrelays_own_parsers(overlay: str) -> None:
     _, auth_ctr, _, auth = _service_config(objs, "keyrelay-auth")
     assert auth.listen == f"0.0.0.0:{_port(auth_ctr, 'grpc')}"
     assert {c.role for c in auth.callers} == {"gateway", "admin"}
+    assert auth.web is not None
+    assert auth.web.listen == f"0.0.0.0:{_port(auth_ctr, 'http')}"
+    for provider in auth.providers.values():  # the admin page's callback, port-forwarded
+        assert f"{auth.web.public_url}/callback" in provider.redirect_uris
     _, gw_ctr, _, gateway = _service_config(objs, "keyrelay-gateway")
     assert gateway.listen == f"0.0.0.0:{_port(gw_ctr, 'http')}"
     assert gateway.routes, "the example config has a [[keys]] route"
