@@ -97,6 +97,24 @@ class WebConfig:
         return (self.public_url or "").startswith("https://")
 
 
+TRACING_EXPORTERS: tuple[str, ...] = ("otlp", "console")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing, ``[auth.tracing]`` / ``[gateway.tracing]``; off by default.
+
+    None means "the SDK's ``OTEL_*`` environment variable, else its default".
+    """
+
+    enabled: bool = False
+    exporters: tuple[str, ...] = ("otlp",)
+    endpoint: str | None = None  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
+    service_name: str | None = None
+    sample_ratio: float | None = None
+    propagate_upstream: bool = False  # gateway only: send traceparent to the upstream
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     encryption_keys: tuple[EncryptionKey, ...]
@@ -119,6 +137,7 @@ class AuthConfig:
     log_level: str = "info"
     tls: TlsConfig | None = None
     web: WebConfig | None = None  # no [auth.web] section: no HTTP side
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 def read_text_file(path: str) -> str:
@@ -184,6 +203,14 @@ class _Section:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{self.key(name)}: must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: must be true or false, got {value!r}")
         return value
 
     def strings(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
@@ -321,6 +348,39 @@ def _parse_web(section: _Section) -> WebConfig:
     return web
 
 
+def _parse_tracing(section: _Section, *, gateway: bool) -> TracingConfig:
+    """Every key is checked even while ``enabled = false``: a typo is never silent."""
+    section.used.add("exporter")
+    raw = section.data.get("exporter", "otlp")
+    names = [raw] if isinstance(raw, str) else raw
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) and n in TRACING_EXPORTERS for n in names)
+    ):
+        raise ConfigError(
+            f'{section.key("exporter")}: must be "otlp", "console" or a list of them, got {raw!r}'
+        )
+    endpoint = section.optional_string("endpoint")
+    ratio = None
+    if section.data.get("sample_ratio") is not None:
+        ratio = section.number("sample_ratio", 1.0)
+        if ratio > 1:
+            raise ConfigError(
+                f"{section.key('sample_ratio')}: must be a number from 0 to 1, got {ratio:g}"
+            )
+    config = TracingConfig(
+        enabled=section.boolean("enabled", False),
+        exporters=tuple(dict.fromkeys(names)),
+        endpoint=_check_url(section, "endpoint", endpoint) if endpoint else None,
+        service_name=section.optional_string("service_name"),
+        sample_ratio=ratio,
+        propagate_upstream=section.boolean("propagate_upstream", False) if gateway else False,
+    )
+    section.reject_unknown()
+    return config
+
+
 def _parse_provider(
     name: str, section: _Section, env: Mapping[str, str], read_file: ReadFile
 ) -> ProviderConfig:
@@ -439,6 +499,7 @@ def parse_auth_config(
         refresh_backoff_base_seconds=auth.number("refresh_backoff_base_seconds", 1.0, minimum=0.01),
         refresh_backoff_cap_seconds=auth.number("refresh_backoff_cap_seconds", 60.0, minimum=0.01),
         log_level=auth.string("log_level", "info").lower(),
+        tracing=_parse_tracing(auth.table("tracing"), gateway=False),
         tls=tls,
         web=web,
     )
@@ -514,6 +575,7 @@ class GatewayConfig:
     max_event_bytes: int = 1 << 20
     token_skew_seconds: float = 30.0
     log_level: str = "info"
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 def _parse_profile(name: str, section: _Section) -> Profile:
@@ -654,6 +716,7 @@ def parse_gateway_config(
         max_event_bytes=gateway.integer("max_event_bytes", 1 << 20, minimum=1024),
         token_skew_seconds=gateway.number("token_skew_seconds", 30.0),
         log_level=gateway.string("log_level", "info").lower(),
+        tracing=_parse_tracing(gateway.table("tracing"), gateway=True),
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("gateway.log_level: must be one of debug, info, warning, error")

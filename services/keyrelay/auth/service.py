@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from keyrelay.auth import metrics
 from keyrelay.auth.core import pkce
 from keyrelay.auth.core.authorize import build_authorize_url
 from keyrelay.auth.core.codes import parse_pasted_code, resolve_state
@@ -62,6 +63,7 @@ from keyrelay.auth.store.redis_store import (
     StoredTokens,
 )
 from keyrelay.config import ProviderConfig
+from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth")
 
@@ -118,6 +120,11 @@ def disconnected_message(record: AccountRecord) -> str:
     )
 
 
+def failure_level(err: TokenEndpointError) -> int:
+    """``invalid_client`` and other misconfiguration need an operator: error; the rest warn."""
+    return logging.ERROR if err.kind is FailureKind.MISCONFIGURED else logging.WARNING
+
+
 @contextmanager
 def store_errors() -> Iterator[None]:
     """The one place where Redis and decryption failures become domain errors."""
@@ -142,6 +149,7 @@ class AuthService:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self._store = store
         self._providers = providers
@@ -150,6 +158,7 @@ class AuthService:
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._refreshes: dict[str, asyncio.Task[Token]] = {}
+        self._tracer = tracer
 
     # -- flows --------------------------------------------------------------
 
@@ -216,23 +225,25 @@ class AuthService:
             raise NotFound("flow not found: it expired, was cancelled or was already used")
         provider = self._provider(claimed.provider)
         try:
-            tokens = await asyncio.wait_for(
-                self._client.exchange_code(
-                    provider,
-                    code=code.code,
-                    verifier=claimed.verifier,
-                    redirect_uri=claimed.redirect_uri,
-                    now=self._clock(),
-                ),
-                self._t.refresh_deadline,
-            )
+            with self._token_call(provider.name, "exchange"):
+                tokens = await asyncio.wait_for(
+                    self._client.exchange_code(
+                        provider,
+                        code=code.code,
+                        verifier=claimed.verifier,
+                        redirect_uri=claimed.redirect_uri,
+                        now=self._clock(),
+                    ),
+                    self._t.refresh_deadline,
+                )
         except TimeoutError:
             raise Unavailable(
                 "the token endpoint did not answer in time; the code may be used up, "
                 "so start a new flow"
             ) from None
         except TokenEndpointError as err:
-            log.warning(
+            log.log(
+                failure_level(err),
                 "code exchange failed",
                 extra={"account_id": claimed.account_id, "kind": err.kind.name, "error": err.error},
             )
@@ -253,6 +264,7 @@ class AuthService:
                 expires_at=tokens.expires_at,
                 now=now,
             )
+            metrics.event("CONNECTED")
             record = await self._store.get_account(claimed.account_id)
         log.info(
             "account connected",
@@ -290,9 +302,10 @@ class AuthService:
         if record.connected:
             await self._revoke_quietly(record)
             with store_errors():
-                await self._store.disconnect(
+                if await self._store.disconnect(
                     account_id, reason="user", expected_generation=None, now=self._clock()
-                )
+                ):
+                    metrics.event("DISCONNECTED")
             log.info("account disconnected by user", extra={"account_id": account_id})
         return await self.get_account(account_id)
 
@@ -307,10 +320,11 @@ class AuthService:
                 token, hint = tokens.refresh_token, "refresh_token"
             else:
                 token, hint = tokens.access_token, "access_token"
-            await asyncio.wait_for(
-                self._client.revoke(provider, token=token, token_type_hint=hint),
-                self._t.refresh_deadline,
-            )
+            with self._token_call(provider.name, "revoke"):
+                await asyncio.wait_for(
+                    self._client.revoke(provider, token=token, token_type_hint=hint),
+                    self._t.refresh_deadline,
+                )
         except (TokenEndpointError, TimeoutError, Unavailable) as exc:
             log.warning(
                 "revocation at the provider failed; tokens are deleted here anyway",
@@ -332,11 +346,32 @@ class AuthService:
             return self._token(record)
         task = self._refreshes.get(account_id)
         if task is None:
-            task = asyncio.create_task(self._refresh_or_wait(account_id, min_ttl, stale_generation))
+            task = asyncio.create_task(self._refresh_task(account_id, min_ttl, stale_generation))
             self._refreshes[account_id] = task
             task.add_done_callback(lambda t: self._forget_refresh(account_id, t))
         # Shielded: a caller that goes away must not cancel the refresh others wait on.
         return await asyncio.shield(task)
+
+    async def _refresh_task(self, account_id: str, min_ttl: float, stale: int) -> Token:
+        # The task copies the first caller's context: its span is this one's parent.
+        with self._tracer.span("keyrelay.refresh", {"keyrelay.account": account_id}):
+            return await self._refresh_or_wait(account_id, min_ttl, stale)
+
+    @contextmanager
+    def _token_call(self, provider: str, call: str) -> Iterator[None]:
+        """Times one token-endpoint call (metrics) and, with tracing on, spans it."""
+        started = time.perf_counter()
+        try:
+            with self._tracer.client_span(
+                f"keyrelay.token_endpoint.{call}", {"keyrelay.provider": provider}
+            ):
+                yield
+        finally:
+            metrics.token_endpoint(provider, call, time.perf_counter() - started)
+
+    def _refresh_outcome(self, provider: str, outcome: str) -> None:
+        metrics.refresh(provider, outcome)
+        self._tracer.annotate({"keyrelay.refresh.outcome": outcome})
 
     def _forget_refresh(self, account_id: str, task: asyncio.Task[Token]) -> None:
         if self._refreshes.get(account_id) is task:
@@ -385,8 +420,12 @@ class AuthService:
             with store_errors():
                 owner = await self._store.try_lock(account_id, self._t.lock_ttl)
             if owner is not None:
+                self._tracer.annotate({"keyrelay.lock": "acquired"})
                 return await self._refresh_holding_lock(account_id, owner, min_ttl, stale)
-            token = await self._wait_for_holder(record, give_up_at)
+            metrics.LOCK_WAITS.inc()
+            self._tracer.annotate({"keyrelay.lock": "waited"})
+            with self._tracer.span("keyrelay.refresh.wait_for_holder"):
+                token = await self._wait_for_holder(record, give_up_at)
             if token is not None:
                 return token
 
@@ -442,15 +481,16 @@ class AuthService:
                 )
             renewer = asyncio.create_task(self._renew_lease(account_id, owner))
             try:
-                fresh = await asyncio.wait_for(
-                    self._client.refresh(
-                        provider,
-                        refresh_token=tokens.refresh_token,
-                        scopes=record.scopes,
-                        now=self._clock(),
-                    ),
-                    self._t.refresh_deadline,
-                )
+                with self._token_call(provider.name, "refresh"):
+                    fresh = await asyncio.wait_for(
+                        self._client.refresh(
+                            provider,
+                            refresh_token=tokens.refresh_token,
+                            scopes=record.scopes,
+                            now=self._clock(),
+                        ),
+                        self._t.refresh_deadline,
+                    )
             except TimeoutError:
                 # The provider may still process the request: keep others off the
                 # (possibly rotated) refresh token until the lease runs out.
@@ -512,12 +552,15 @@ class AuthService:
                 now=self._clock(),
             )
         if generation == 0:
+            self._refresh_outcome(record.provider, "fenced")
             log.warning(
                 "refreshed tokens fenced out by a newer generation",
                 extra={"account_id": record.account_id, "generation": record.generation},
             )
             current = await self._read(record.account_id)
             return self._serve_or_fail(current, "fenced out by a newer refresh")
+        self._refresh_outcome(record.provider, "refreshed")
+        metrics.event("REFRESHED")
         log.info(
             "token refreshed", extra={"account_id": record.account_id, "generation": generation}
         )
@@ -525,6 +568,7 @@ class AuthService:
 
     async def _grant_rejected(self, record: AccountRecord, err: TokenEndpointError) -> Token:
         reason = "invalid_grant: the provider no longer accepts this grant"
+        self._refresh_outcome(record.provider, "invalid_grant")
         with store_errors():
             generation = await self._store.disconnect(
                 record.account_id,
@@ -536,6 +580,7 @@ class AuthService:
             # Someone else moved the account on (refreshed or disconnected it).
             current = await self._read(record.account_id)
             return self._serve_or_fail(current, "grant rejected")
+        metrics.event("DISCONNECTED")
         log.warning(
             "account disconnected: grant rejected by the provider",
             extra={"account_id": record.account_id, "error": err.error},
@@ -544,9 +589,9 @@ class AuthService:
         raise FailedPrecondition(disconnected_message(current))
 
     async def _refresh_failed(self, record: AccountRecord, err: TokenEndpointError) -> Token:
-        level = logging.ERROR if err.kind is FailureKind.MISCONFIGURED else logging.WARNING
+        self._refresh_outcome(record.provider, err.kind.value)
         log.log(
-            level,
+            failure_level(err),
             "token refresh failed; account kept",
             extra={
                 "account_id": record.account_id,
@@ -563,13 +608,14 @@ class AuthService:
             rng=self._rng,
         )
         with store_errors():
-            await self._store.record_refresh_failure(
+            if await self._store.record_refresh_failure(
                 record.account_id,
                 expected_generation=record.generation,
                 reason=str(err),
                 retry_at=now + delay,
                 now=now,
-            )
+            ):
+                metrics.event("REFRESH_FAILED")
         return self._serve_or_fail(record, str(err))
 
     # -- events -------------------------------------------------------------

@@ -9,24 +9,34 @@ import uvicorn
 from keyrelay.config import GatewayConfig
 from keyrelay.gateway.http.app import GatewayApp
 from keyrelay.gateway.tokens import TokenClient, open_channel
+from keyrelay.tracing import Tracer, create_tracer
 
 log = logging.getLogger("keyrelay.gateway.server")
 
 
-def build_app(config: GatewayConfig) -> GatewayApp:
+def build_app(config: GatewayConfig, *, tracer: Tracer | None = None) -> GatewayApp:
+    """``tracer``: by default the one ``[gateway.tracing]`` configures."""
+    if tracer is None:
+        tracer = create_tracer(
+            config.tracing, default_service_name="keyrelay-gateway", config_key="gateway.tracing"
+        )
     auth = config.auth
     if auth is None:
-        return GatewayApp(config, None)
+        return GatewayApp(config, None, tracer=tracer)
 
     def token_client() -> TokenClient:
         channel = open_channel(
             auth.target, ca_file=auth.ca_file, cert_file=auth.cert_file, key_file=auth.key_file
         )
         return TokenClient(
-            channel, auth.token, skew=config.token_skew_seconds, rpc_timeout=auth.timeout_seconds
+            channel,
+            auth.token,
+            skew=config.token_skew_seconds,
+            rpc_timeout=auth.timeout_seconds,
+            tracer=tracer,
         )
 
-    return GatewayApp(config, token_client)
+    return GatewayApp(config, token_client, tracer=tracer)
 
 
 def uvicorn_config(app: GatewayApp, listen: str) -> uvicorn.Config:
@@ -50,4 +60,7 @@ def serve(config: GatewayConfig) -> None:
     app = build_app(config)
     server = uvicorn.Server(uvicorn_config(app, config.listen))
     log.info("gateway listening", extra={"address": config.listen})
-    server.run()
+    try:
+        server.run()
+    finally:
+        app.tracer.shutdown()  # flushes spans still queued for the exporter

@@ -28,6 +28,8 @@ import grpc
 from grpc import aio
 
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.gateway.tracing import GetToken, traced_get_token
+from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.gateway.tokens")
 
@@ -125,9 +127,14 @@ class TokenClient:
         skew: float = 30.0,
         rpc_timeout: float = 40.0,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self._channel = channel
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        # Chosen once: without tracing, the stub's own callable (no span, no traceparent).
+        self._get_token: GetToken = (
+            traced_get_token(tracer, self._stub.GetToken) if tracer.enabled else self._stub.GetToken
+        )
         self._metadata: tuple[tuple[str, str | bytes], ...] = (
             ("authorization", f"Bearer {service_token}"),
         )
@@ -180,7 +187,7 @@ class TokenClient:
     async def _fetch(self, account_id: str, stale_generation: int) -> CachedToken:
         self.rpcs += 1
         try:
-            reply = await self._stub.GetToken(
+            reply = await self._get_token(
                 auth_pb2.GetTokenRequest(account_id=account_id, stale_generation=stale_generation),
                 metadata=self._metadata,
                 timeout=self._timeout,

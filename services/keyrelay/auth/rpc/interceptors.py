@@ -4,18 +4,25 @@ Both wrap the method handler that ``continuation`` returns, so the servicer
 never sees an unauthenticated call and never formats a status itself. An
 exception that is not an ``AuthError`` becomes ``INTERNAL`` with a fixed
 message: its text could carry anything and never reaches the caller.
+
+Outermost, ``_observed`` counts every AuthService call by method and status
+(``keyrelay.auth.metrics``) and, only when tracing is enabled, runs a unary
+call in a server span continuing the caller's ``traceparent``. WatchEvents
+lives as long as a gateway does, so it is counted but gets no span.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc import aio
 
+from keyrelay.auth import metrics
 from keyrelay.auth.core.errors import (
     AuthError,
     FailedPrecondition,
@@ -26,6 +33,7 @@ from keyrelay.auth.core.errors import (
     Unavailable,
 )
 from keyrelay.config import Caller, Role
+from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth.rpc")
 
@@ -55,7 +63,12 @@ def status_of(error: AuthError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _wrap(handler: Handler, guard: Callable[[str], None] | None, method: str) -> Handler:
+def _wrap(
+    handler: Handler,
+    guard: Callable[[str], None] | None,
+    method: str,
+    tracer: Tracer = NOOP_TRACER,
+) -> Handler:
     """Rebuilds ``handler`` with its behaviour run under ``guard`` and the error mapping."""
 
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -89,17 +102,99 @@ def _wrap(handler: Handler, guard: Callable[[str], None] | None, method: str) ->
 
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            unary,
+            _observed(unary, method, tracer),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            stream,
+            _observed_stream(stream, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     return handler  # client-streaming shapes are not used by AuthService
+
+
+def _code(context: aio.ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else default
+
+
+# Server faults (OpenTelemetry's rule for gRPC server spans); other codes are the caller's.
+_SERVER_ERRORS: Final = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _observed(behaviour: Behaviour, method: str, tracer: Tracer) -> Behaviour:
+    rpc = metrics.rpc(method.rsplit("/", 1)[-1])
+
+    async def measured(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.CANCELLED  # unless the call ends otherwise
+        try:
+            result = await behaviour(request, context)
+        except Exception:
+            code = _code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        else:
+            code = _code(context, grpc.StatusCode.OK)
+        finally:
+            rpc.observe(code, time.perf_counter() - started)
+        return result
+
+    if not tracer.enabled:
+        return measured
+    name = method.lstrip("/")
+    service, _, short = name.rpartition("/")
+
+    async def traced(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        attributes: dict[str, str | int] = {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": short,
+        }
+        account = getattr(request, "account_id", "")
+        if account:
+            attributes["keyrelay.account"] = account
+        with tracer.server_span(name, context.invocation_metadata() or (), attributes) as span:
+            try:
+                return await measured(request, context)
+            finally:
+                code = _code(context, grpc.StatusCode.OK)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in _SERVER_ERRORS:
+                    tracer.fail(span, code.name)
+
+    return traced
+
+
+def _observed_stream(
+    behaviour: Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]], method: str
+) -> Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    rpc = metrics.rpc(method.rsplit("/", 1)[-1])
+
+    async def measured(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.CANCELLED
+        try:
+            async for item in behaviour(request, context):
+                yield item
+            code = _code(context, grpc.StatusCode.OK)
+        except Exception:
+            code = _code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        finally:
+            rpc.observe(code, time.perf_counter() - started)
+
+    return measured
 
 
 def guard_call(guard: Callable[[str], None], context: aio.ServicerContext[Any, Any]) -> None:
@@ -144,8 +239,9 @@ class CallerAuthenticator:
 
 
 class AuthInterceptor(aio.ServerInterceptor):
-    def __init__(self, authenticator: CallerAuthenticator) -> None:
+    def __init__(self, authenticator: CallerAuthenticator, tracer: Tracer = NOOP_TRACER) -> None:
         self._auth = authenticator
+        self._tracer = tracer
 
     async def intercept_service(
         self,
@@ -156,4 +252,4 @@ class AuthInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        return _wrap(handler, self._auth.guard_for(method), method)
+        return _wrap(handler, self._auth.guard_for(method), method, self._tracer)

@@ -23,6 +23,7 @@ from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from keyrelay.auth.web.app import WebServer, start_web
 from keyrelay.config import AuthConfig, TlsConfig
+from keyrelay.tracing import NOOP_TRACER, Tracer, create_tracer
 
 log = logging.getLogger("keyrelay.auth.server")
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
@@ -36,6 +37,8 @@ class RunningServer:
     store: RedisStore
     client: ProviderClient
     health: health_aio.HealthServicer
+    tracer: Tracer = NOOP_TRACER
+    owns_tracer: bool = False
     web: WebServer | None = None  # [auth.web]: probes, metrics, the connect page
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -44,6 +47,8 @@ class RunningServer:
         await asyncio.gather(self.server.stop(grace), *([self.web.stop()] if self.web else []))
         await self.client.aclose()
         await self.store.close()
+        if self.owns_tracer:
+            self.tracer.shutdown()
 
 
 def timings_of(config: AuthConfig) -> Timings:
@@ -67,8 +72,16 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
-async def start_server(config: AuthConfig) -> RunningServer:
-    """Starts serving on ``config.listen`` (port 0 picks a free port; see ``.port``)."""
+async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> RunningServer:
+    """Starts serving on ``config.listen`` (port 0 picks a free port; see ``.port``).
+
+    ``tracer``: by default the one ``[auth.tracing]`` configures (stopped with the server).
+    """
+    owns_tracer = tracer is None
+    if tracer is None:
+        tracer = create_tracer(
+            config.tracing, default_service_name="keyrelay-auth", config_key="auth.tracing"
+        )
     cipher = TokenCipher(config.encryption_keys)
     store = RedisStore.from_url(
         config.redis_url,
@@ -78,9 +91,9 @@ async def start_server(config: AuthConfig) -> RunningServer:
         events_maxlen=config.events_maxlen,
     )
     client = ProviderClient.create(config.token_timeout_seconds)
-    service = AuthService(store, config.providers, client, timings_of(config))
+    service = AuthService(store, config.providers, client, timings_of(config), tracer=tracer)
     server = aio.server(
-        interceptors=[AuthInterceptor(CallerAuthenticator(config.callers))],
+        interceptors=[AuthInterceptor(CallerAuthenticator(config.callers), tracer)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(service), server)
@@ -111,7 +124,7 @@ async def start_server(config: AuthConfig) -> RunningServer:
             await client.aclose()
             await store.close()
             raise
-    return RunningServer(server, port, service, store, client, health, web=web)
+    return RunningServer(server, port, service, store, client, health, tracer, owns_tracer, web=web)
 
 
 async def serve(config: AuthConfig) -> None:

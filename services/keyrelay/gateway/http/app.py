@@ -60,6 +60,8 @@ from keyrelay.gateway.http.metrics import GatewayMetrics
 from keyrelay.gateway.http.upstream import Upstreams, chunks, read_all, release
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.tokens import TokenClient, TokenError
+from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
+from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.gateway")
 access_log = logging.getLogger("keyrelay.gateway.access")
@@ -132,6 +134,7 @@ class GatewayApp:
         config: GatewayConfig,
         token_client: Callable[[], TokenClient] | None,
         metrics: GatewayMetrics | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         """``token_client`` makes the client at startup: a gRPC channel belongs to
         the event loop it was made on, and uvicorn makes its loop after this."""
@@ -141,6 +144,14 @@ class GatewayApp:
         self.metrics = metrics or GatewayMetrics()
         upstreams = {r.upstream.name: r.upstream for r in config.routes.values()}
         self.upstreams = Upstreams(upstreams)
+        self.tracer = tracer
+        # Chosen once: without tracing the plain functions, so a request does no span work.
+        self._proxy_entry = traced_proxy(tracer, self._proxy) if tracer.enabled else self._proxy
+        self._post = (
+            traced_post(tracer, self.upstreams.post, propagate=config.tracing.propagate_upstream)
+            if tracer.enabled
+            else self.upstreams.post
+        )
         self._watch: asyncio.Task[None] | None = None
 
     # -- ASGI -----------------------------------------------------------------
@@ -185,7 +196,7 @@ class GatewayApp:
             if method != "POST":
                 await self._error(send, GatewayError(METHOD_NOT_ALLOWED, f"{path} takes POST"))
                 return
-            await self._proxy(scope, receive, send, path)
+            await self._proxy_entry(scope, receive, send, path)
         elif path == "/healthz":
             await _respond(send, 200, b'{"status":"ok"}', _JSON)
         elif path == "/readyz":
@@ -331,9 +342,7 @@ class GatewayApp:
         outcome.model = model
 
         sent_at = time.perf_counter()
-        response = await self.upstreams.post(
-            route.upstream, path, request.headers, request.query, payload
-        )
+        response = await self._post(route.upstream, path, request.headers, request.query, payload)
         if response.status == 401 and credential.oauth and route.account is not None:
             # The token was refused: get a newer generation and try once more.
             await release(response)
@@ -350,9 +359,7 @@ class GatewayApp:
             )
             outcome.retried = True
             self.metrics.upstream_retries.labels(route.name).inc()
-            response = await self.upstreams.post(
-                route.upstream, path, retry_headers, request.query, payload
-            )
+            response = await self._post(route.upstream, path, retry_headers, request.query, payload)
         outcome.upstream_seconds = time.perf_counter() - sent_at
         outcome.upstream_status = response.status
         self.metrics.upstream_latency.labels(route.upstream.name).observe(outcome.upstream_seconds)
@@ -450,6 +457,8 @@ class GatewayApp:
         if outcome.error:
             entry["error"] = outcome.error
         access_log.info("request", extra=entry)
+        if self.tracer.enabled:
+            record_outcome(self.tracer, outcome, request_id)
 
 
 def _too_large(limit: int) -> str:
