@@ -31,11 +31,16 @@ async def wait_evicted(tokens: Any) -> None:
     raise AssertionError("the REFRESHED event never reached the gateway")
 
 
+@pytest.mark.parametrize("saw_an_event", [True, False])
 @pytest.mark.parametrize("stopped", [0, 1])
 async def test_failover_and_event_stream_resume_across_auth_replicas(
-    make_auth: AuthFactory, upstream: FakeUpstream, stopped: int
+    make_auth: AuthFactory, upstream: FakeUpstream, stopped: int, saw_an_event: bool
 ) -> None:
-    """One of the two runs stops the replica that carries the event stream."""
+    """One of the two runs stops the replica that carries the event stream.
+
+    Without an event seen before the stop, the stream's cursor comes from its
+    initial metadata: resuming must still deliver what happened in between.
+    """
     servers = [await make_auth.start(), await make_auth.start()]
     survivor_stub = servers[1 - stopped][1]
     await connect(survivor_stub, "acct", login="replica-user")
@@ -65,10 +70,12 @@ async def test_failover_and_event_stream_resume_across_auth_replicas(
             base_url=gateway.url, api_key=PLAIN_KEY, max_retries=0
         ) as client:
             await client.messages.create(**SIMPLE)
-            await refresh()  # the gateway sees an event: its stream now has a cursor
-            await wait_evicted(tokens)
-            await client.messages.create(**SIMPLE)
+            if saw_an_event:
+                await refresh()
+                await wait_evicted(tokens)
+                await client.messages.create(**SIMPLE)
             assert "acct" in tokens._cache
+            assert tokens._last_event_id  # from an event, or from the stream's metadata
 
             await servers[stopped][0].stop(grace=0.1)
             # Refreshed at once, maybe before the gateway's stream reconnects:

@@ -620,11 +620,17 @@ class AuthService:
 
     # -- events -------------------------------------------------------------
 
-    async def watch_events(self, after_event_id: str = "") -> AsyncIterator[StoredEvent]:
+    async def events_cursor(self, after_event_id: str = "") -> str:
+        """Where a watch starts: right after ``after_event_id``, or at the current end."""
         if after_event_id and not EVENT_ID.match(after_event_id):
             raise InvalidArgument("after_event_id must be a stream id like 1700000000000-0")
+        if after_event_id:
+            return after_event_id
         with store_errors():
-            cursor = after_event_id or await self._store.last_event_id()
+            return await self._store.last_event_id()
+
+    async def watch_events(self, after_event_id: str = "") -> AsyncIterator[StoredEvent]:
+        cursor = await self.events_cursor(after_event_id)
         while True:
             with store_errors():
                 events = await self._store.read_events(cursor, block_ms=5000)

@@ -27,7 +27,7 @@ from typing import Any, Final
 import grpc
 from grpc import aio
 
-from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
 from keyrelay.gateway.tracing import GetToken, traced_get_token
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
@@ -219,20 +219,23 @@ class TokenClient:
             self.evict(event.account_id, event.generation)
 
     async def watch(self, *, max_backoff: float = 5.0) -> None:
-        """Follows ``WatchEvents`` forever, resuming after the last event seen."""
+        """Follows ``WatchEvents`` forever, resuming after the last event seen.
+
+        The stream's initial metadata names the event it starts after, so even a
+        watcher that has seen no event resumes without a gap, and an auth outage
+        leaves the cached (still valid) tokens in place.
+        """
         backoff = 0.1
         rng = random.Random()  # noqa: S311  # jitter, not secrets
         first = True
         while True:
-            if not first and not self._last_event_id:
-                # Events between the lost stream and now are unknown: start clean.
-                self._cache.clear()
-            first = False
             call = self._stub.WatchEvents(
                 auth_pb2.WatchEventsRequest(after_event_id=self._last_event_id),
                 metadata=self._metadata,
             )
             try:
+                self._resume_point(await call.initial_metadata(), call, first=first)
+                first = False
                 async for event in call:
                     self.apply_event(event)
                     backoff = 0.1
@@ -242,6 +245,16 @@ class TokenClient:
                 call.cancel()
             await asyncio.sleep(backoff * rng.uniform(0.5, 1.5))
             backoff = min(max_backoff, backoff * 2)
+
+    def _resume_point(self, metadata: aio.Metadata | None, call: aio.Call, *, first: bool) -> None:
+        cursor = dict(metadata or ()).get(EVENTS_CURSOR_METADATA)
+        if isinstance(cursor, str) and cursor:
+            if not self._last_event_id:
+                self._last_event_id = cursor
+        elif not first and not self._last_event_id and not call.done():
+            # A connected stream from a server that names no cursor: the events
+            # since the last stream are unknown, so start clean.
+            self._cache.clear()
 
     async def close(self) -> None:
         await self._channel.close()

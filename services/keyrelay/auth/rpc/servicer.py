@@ -13,7 +13,7 @@ from grpc import aio
 
 from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.redis_store import AccountRecord, StoredEvent
-from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -112,5 +112,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WatchEvents(
         self, request: auth_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.AccountEvent]:
-        async for event in self._service.watch_events(request.after_event_id):
+        cursor = await self._service.events_cursor(request.after_event_id)
+        await context.send_initial_metadata(((EVENTS_CURSOR_METADATA, cursor),))
+        async for event in self._service.watch_events(cursor):
             yield event_message(event)
