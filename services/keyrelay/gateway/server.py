@@ -51,6 +51,8 @@ def uvicorn_config(app: GatewayApp, listen: str) -> uvicorn.Config:
         access_log=False,  # one JSON line per request comes from the app itself
         log_config=None,
         server_header=False,
+        # The app never reads the client address: no X-Forwarded-* rewriting per request.
+        proxy_headers=False,
         timeout_keep_alive=75,  # longer than common load balancers' idle timeout
         timeout_graceful_shutdown=30,  # let in-flight streams finish on SIGTERM
     )

@@ -482,3 +482,27 @@ def test_lone_surrogates_in_rewritten_json_do_not_crash() -> None:
         "name": "get_weather",
         "input": {},
     }
+
+
+def test_one_chunk_of_many_events_reads_only_the_events_that_need_it() -> None:
+    """A whole stream in one read (a fast upstream): the same output, usage and names
+    as event by event, decoys in data and blank-line runs included."""
+    decoys = [
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": 'a "message_start" and content_block_start'}}),
+        b": comment with message_delta\n\n",
+        b"\n\n\n",
+        b"event: ping\ndata: {\"type\":\"ping\"}\n\n",
+    ]  # fmt: skip
+    events = message_events(
+        [Text(["hel", "lo"]), ToolUse("mcp_get_weather", ['{"city":', '"Paris"}'])]
+    )
+    stream = b"".join(events[:2] + decoys + events[2:] + decoys)
+    blocks = SSEDecoder().feed_raw(stream)
+    for table in (TABLE, None):
+        whole = StreamTransformer(table)
+        one_by_one = StreamTransformer(table)
+        assert run(whole, [stream]) == run(one_by_one, blocks)
+        assert whole.usage == one_by_one.usage
+        assert whole.usage_seen
+    assert b'"name":"get_weather"' in run(StreamTransformer(TABLE), [stream])

@@ -211,7 +211,7 @@ class StreamTransformer:
         # (its event name), so a span without any is forwarded unread.
         for needle in self._needles:
             if needle in span:
-                return self._process(split_blocks(span))
+                return self._process_span(span)
         return span
 
     def close(self) -> bytes:
@@ -240,6 +240,41 @@ class StreamTransformer:
                             "the gateway ended the stream",
                         )
         return self._process(blocks)
+
+    def _process_span(self, span: bytes) -> bytes:
+        """``_process(split_blocks(span))``, looking only at the blocks with a needle.
+
+        A span can hold thousands of events (one read of a fast upstream) of which
+        one or two need reading. With LF line ends (no CR anywhere in the span),
+        every ``\n\n`` ends a block, so the block around a needle is found with
+        two searches and everything between such blocks is forwarded as it is;
+        a span with a CR is cut into all of its blocks instead.
+        """
+        if b"\r" in span:
+            return self._process(split_blocks(span))
+        needles = self._needles
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            hit = -1
+            for needle in needles:
+                at = span.find(needle, pos)
+                if at >= 0 and (hit < 0 or at < hit):
+                    hit = at
+            if hit < 0:
+                break
+            start = span.rfind(b"\n\n", pos, hit)
+            start = pos if start < 0 else start + 2
+            end = span.find(b"\n\n", hit)
+            end = len(span) if end < 0 else end + 2
+            if start > pos:
+                out.append(span[pos:start])
+            out.append(self._process([span[start:end]]))
+            pos = end
+        if pos == 0:
+            return span
+        out.append(span[pos:])
+        return b"".join(out)
 
     def _process(self, blocks: list[bytes]) -> bytes:
         """Forward blocks, reading and rewriting the few events that need it."""

@@ -282,9 +282,14 @@ class GatewayApp:
                 content_type = value.split(b";", 1)[0].strip().lower()
         if content_type != b"application/json":
             raise GatewayError(INVALID_REQUEST, "content-type must be application/json")
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body"):
+            first: bytes = message.get("body", b"")
+            if len(first) > limit:
+                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+            return first
         body = bytearray()
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
             body += message.get("body", b"")
@@ -292,6 +297,7 @@ class GatewayApp:
                 raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
             if not message.get("more_body"):
                 return bytes(body)
+            message = await receive()
 
     async def _credential(self, route: Route) -> Credential:
         if route.mode == "api_key":
@@ -362,7 +368,7 @@ class GatewayApp:
             response = await self._post(route.upstream, path, retry_headers, request.query, payload)
         outcome.upstream_seconds = time.perf_counter() - sent_at
         outcome.upstream_status = response.status
-        self.metrics.upstream_latency.labels(route.upstream.name).observe(outcome.upstream_seconds)
+        self.metrics.upstream_latency_for(route.upstream.name).observe(outcome.upstream_seconds)
         try:
             headers = _response_headers(response, request_id)
             content_type = response.headers.get("content-type", "")
@@ -416,8 +422,8 @@ class GatewayApp:
         route_name = route.name if route else "-"
         billing = outcome.billing
         m = self.metrics
-        m.requests.labels(route_name, str(outcome.status), billing.value if billing else "-").inc()
-        m.latency.labels(route_name, "true" if outcome.stream else "false").observe(seconds)
+        m.requests_for(route_name, str(outcome.status), billing.value if billing else "-").inc()
+        m.latency_for(route_name, "true" if outcome.stream else "false").observe(seconds)
         cost = None
         account = (route.account if route else None) or "-"
         if outcome.usage is not None and billing is not None:
@@ -429,10 +435,10 @@ class GatewayApp:
                 ("cache_read", usage.cache_read_input_tokens),
             ):
                 if count:
-                    m.tokens.labels(account, billing.value, kind).inc(count)
+                    m.tokens_for(account, billing.value, kind).inc(count)
             cost = self.config.prices.cost(usage, outcome.model, billing)
             if cost:
-                m.cost.labels(account, billing.value).inc(cost)
+                m.cost_for(account, billing.value).inc(cost)
         entry: dict[str, Any] = {
             "request_id": request_id,
             "route": route_name,
@@ -456,9 +462,20 @@ class GatewayApp:
             entry["cost_usd"] = cost
         if outcome.error:
             entry["error"] = outcome.error
-        access_log.info("request", extra=entry)
+        _access(entry)
         if self.tracer.enabled:
             record_outcome(self.tracer, outcome, request_id)
+
+
+def _access(entry: dict[str, Any]) -> None:
+    """``access_log.info("request", extra=entry)`` minus the caller lookup (a stack
+    walk per line for file/line fields that the JSON lines do not carry)."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.handle(
+            access_log.makeRecord(
+                access_log.name, logging.INFO, "", 0, "request", (), None, extra=entry
+            )
+        )
 
 
 def _too_large(limit: int) -> str:

@@ -8,11 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """``metric.labels(*values)``, looked up once per label set.
+
+    ``labels()`` stringifies, locks and builds a key on every call; the hot path
+    calls this instead. The cache is as bounded as the label values are.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -61,6 +84,12 @@ class GatewayMetrics:
             ["route"],
             registry=r,
         )
+        # The children of each metric, cached (see ``Children``).
+        self.requests_for = Children(self.requests)
+        self.latency_for = Children(self.latency)
+        self.upstream_latency_for = Children(self.upstream_latency)
+        self.tokens_for = Children(self.tokens)
+        self.cost_for = Children(self.cost)
 
     def watch_token_cache(self, cache: TokenCacheCounts) -> None:
         """Exports the cache's own counters at scrape time (nothing on the hot path)."""

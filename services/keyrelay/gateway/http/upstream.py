@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from keyrelay.config import UpstreamConfig
 from keyrelay.gateway.core.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, GatewayError
@@ -42,6 +43,8 @@ class Upstreams:
     def __init__(self, upstreams: Mapping[str, UpstreamConfig]) -> None:
         self._configs = dict(upstreams)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # Parsed once per (upstream, path): a str URL is parsed again on every call.
+        self._urls: dict[tuple[str, str], URL] = {}
 
     async def start(self) -> None:
         for name, upstream in self._configs.items():
@@ -58,6 +61,9 @@ class Upstreams:
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
                 trust_env=False,
+                # A proxy for many clients keeps no cookies: one client's upstream
+                # cookies are never replayed for another (and no jar work per call).
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
 
     async def close(self) -> None:
@@ -74,9 +80,12 @@ class Upstreams:
         body: bytes,
     ) -> aiohttp.ClientResponse:
         session = self._sessions[upstream.name]
+        url = self._urls.get((upstream.name, path))
+        if url is None:
+            url = self._urls[upstream.name, path] = URL(upstream.url + path)
         with upstream_errors(upstream):
             return await session.post(
-                upstream.url + path,
+                url,
                 headers=CIMultiDict(headers),
                 params=list(query) or None,
                 data=body,
@@ -85,16 +94,19 @@ class Upstreams:
 
 
 async def read_all(response: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
-    body = bytearray()
+    parts: list[bytes] = []
+    size = 0
     with upstream_errors(upstream):
         async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > MAX_RESPONSE_BYTES:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
                 raise GatewayError(
                     UPSTREAM_UNREACHABLE,
                     f"the upstream {upstream.name!r} sent more than {MAX_RESPONSE_BYTES} bytes",
                 )
-    return bytes(body)
+    # One read is the common case for a Messages API answer: no copy then.
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def chunks(
@@ -107,6 +119,8 @@ async def chunks(
 
 async def release(response: aiohttp.ClientResponse) -> None:
     """Gives the connection back (or closes it when the body was not read)."""
+    read = response.content.is_eof()
     with contextlib.suppress(Exception):
         response.release()
-    await asyncio.sleep(0)
+    if not read:
+        await asyncio.sleep(0)  # lets the closing connection's callbacks run
