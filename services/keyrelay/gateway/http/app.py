@@ -421,8 +421,9 @@ class GatewayApp:
         route = outcome.route
         route_name = route.name if route else "-"
         billing = outcome.billing
+        mode = billing.value if billing else "-"  # an enum's .value is a property call
         m = self.metrics
-        m.requests_for(route_name, str(outcome.status), billing.value if billing else "-").inc()
+        m.requests_for(route_name, str(outcome.status), mode).inc()
         m.latency_for(route_name, "true" if outcome.stream else "false").observe(seconds)
         cost = None
         account = (route.account if route else None) or "-"
@@ -435,15 +436,15 @@ class GatewayApp:
                 ("cache_read", usage.cache_read_input_tokens),
             ):
                 if count:
-                    m.tokens_for(account, billing.value, kind).inc(count)
+                    m.tokens_for(account, mode, kind).inc(count)
             cost = self.config.prices.cost(usage, outcome.model, billing)
             if cost:
-                m.cost_for(account, billing.value).inc(cost)
+                m.cost_for(account, mode).inc(cost)
         entry: dict[str, Any] = {
             "request_id": request_id,
             "route": route_name,
             "account": account,
-            "billing": billing.value if billing else None,
+            "billing": mode if billing else None,
             "status": outcome.status,
             "upstream_status": outcome.upstream_status or None,
             "stream": outcome.stream,
