@@ -326,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ConfigError) as exc:
         print(f"keyrelay: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path given on the command line: missing, unreadable, not a dir
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"keyrelay: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             print("interrupted", file=sys.stderr)

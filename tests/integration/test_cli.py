@@ -142,6 +142,22 @@ def test_cli_errors_are_one_clear_line(replica: ReplicaProcess) -> None:
         assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("accounts", "--token-file", "/nonexistent/admin-token"),
+        ("accounts", "--ca-file", "/nonexistent/ca.crt"),
+        ("dev", "--state-dir", "/proc/keyrelay-cannot-live-here"),
+    ],
+)
+def test_bad_paths_on_the_command_line_are_one_clear_line(args: tuple[str, ...]) -> None:
+    code, _, err = run(*args, token="some-admin-token-0123456789")
+    assert code == 1
+    assert err.startswith("keyrelay: /")
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_paste_of_garbage_reports_and_exits(replica: ReplicaProcess) -> None:
     process = cli("connect", "garbage", "--provider", "testidp", "--auth", replica.address)
     read_authorize_url(process)
