@@ -45,9 +45,9 @@ async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisSt
     await store.close()
 
 
-async def test_a_holder_stalled_past_its_lease_is_fenced_out(store: RedisStore) -> None:
+async def connect_with_tokens(store: RedisStore, account_id: str) -> None:
     await store.connect(
-        "fenced",
+        account_id,
         provider=PROVIDER,
         scopes=["openid"],
         tokens=StoredTokens("access-0", "refresh-0"),
@@ -55,6 +55,10 @@ async def test_a_holder_stalled_past_its_lease_is_fenced_out(store: RedisStore) 
         expires_at=1.0,
         now=0.0,
     )
+
+
+async def test_a_holder_stalled_past_its_lease_is_fenced_out(store: RedisStore) -> None:
+    await connect_with_tokens(store, "fenced")
     stalled_owner = await store.try_lock("fenced", ttl_seconds=0.2)
     assert stalled_owner is not None
     stalled_view = await store.get_account("fenced")
@@ -114,6 +118,44 @@ async def test_a_holder_stalled_past_its_lease_is_fenced_out(store: RedisStore) 
     events = await store.read_events("0-0", block_ms=0)
     assert [e.kind for e in events] == ["CONNECTED", "REFRESHED"]
     assert await store.release_lock("fenced", fresh_owner)
+
+
+async def test_the_refreshed_write_releases_the_holders_lock_in_the_same_step(
+    store: RedisStore,
+) -> None:
+    """Found by tests/e2e/test_cluster.py: a replica killed right after writing a
+    refresh, before its separate release, left a lease that every other replica
+    waited out (lock_ttl) before it could refresh the then-expiring token."""
+    await connect_with_tokens(store, "released")
+    view = await store.get_account("released")
+    assert view is not None
+
+    def write(generation: int, owner: str) -> Any:
+        return store.store_refreshed(
+            "released",
+            expected_generation=generation,
+            tokens=StoredTokens(f"access-{generation}", f"refresh-{generation}"),
+            token_type="Bearer",
+            expires_at=100.0,
+            scopes=["openid"],
+            now=1.0,
+            lock_owner=owner,
+        )
+
+    owner = await store.try_lock("released", ttl_seconds=30)
+    assert owner is not None
+    generation = await write(view.generation, owner)
+    assert generation == view.generation + 1
+    assert not await store.lock_held("released")  # nothing left for a dead holder to leave
+
+    # Another holder's lock is never released by a write, nor by a fenced-out one.
+    other = await store.try_lock("released", ttl_seconds=30)
+    assert other is not None
+    assert await write(view.generation, other) == 0  # fenced out: nothing written
+    assert await store.lock_held("released")
+    assert await write(generation, "not-the-owner") == generation + 1
+    assert await store.lock_held("released")
+    assert await store.release_lock("released", other)
 
 
 async def test_a_second_disconnect_adds_no_event(store: RedisStore) -> None:

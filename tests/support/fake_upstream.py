@@ -14,7 +14,7 @@ import asyncio
 import json
 import random
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ class Recorded:
     query: list[tuple[str, str]]
     headers: list[tuple[str, str]]
     body: bytes
+    refused: bool = False  # answered 401 because the token was refused
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -198,6 +199,9 @@ class FakeUpstream:
         self.header_delay = 0.0
         self.aborted_streams = 0
         self.refused_tokens: set[str] = set()
+        # Asked about every Bearer token as it arrives (e.g. the provider's
+        # userinfo): a token it calls invalid gets the real API's 401.
+        self.token_check: Callable[[str], Awaitable[bool]] | None = None
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -230,8 +234,11 @@ class FakeUpstream:
             body,
         )
         self.requests.append(recorded)
-        auth = recorded.header("authorization") or ""
-        if auth.removeprefix("Bearer ") in self.refused_tokens:
+        token = (recorded.header("authorization") or "").removeprefix("Bearer ")
+        if token in self.refused_tokens or (
+            self.token_check is not None and not await self.token_check(token)
+        ):
+            recorded.refused = True
             return web.json_response(
                 {
                     "type": "error",

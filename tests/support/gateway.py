@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
+import tomli_w
 import uvicorn
 
 from keyrelay.config import GatewayConfig, parse_gateway_config
@@ -14,7 +21,7 @@ from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.server import build_app, uvicorn_config
 from keyrelay.tracing import Tracer
 from tests.support.redis_server import free_port
-from tests.support.stack import GATEWAY_TOKEN
+from tests.support.stack import GATEWAY_TOKEN, spawn_keyrelay, terminate, wait_for_process
 
 OAUTH_KEY = "kr-test-oauth-key-0123456789abcdef"
 API_KEY_KEY = "kr-test-apikey-key-0123456789abcdef"
@@ -61,12 +68,17 @@ def gateway_config_data(
         ],
     }  # fmt: skip
     if auth_port is not None:
-        data["gateway"]["auth"] = {
-            "target": f"ipv4:127.0.0.1:{auth_port}",
-            "token": {"env": "KR_GATEWAY_TOKEN"},
-            "timeout_seconds": 10,
-        }
+        data["gateway"]["auth"] = auth_client_data([auth_port])
     return data
+
+
+def auth_client_data(auth_ports: Sequence[int]) -> dict[str, Any]:
+    """``[gateway.auth]`` for replicas on these loopback ports (round-robin over all)."""
+    return {
+        "target": "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in auth_ports),
+        "token": {"env": "KR_GATEWAY_TOKEN"},
+        "timeout_seconds": 10,
+    }
 
 
 @dataclass
@@ -104,3 +116,73 @@ def gateway_config(upstream_url: str, auth_port: int | None, **gateway: Any) -> 
     return parse_gateway_config(
         gateway_config_data(upstream_url, auth_port, **gateway), gateway_env()
     )
+
+
+@dataclass
+class GatewayProcess:
+    """``keyrelay gateway serve`` in its own process, as in production."""
+
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def write(cls, tmp: Path, name: str, data: dict[str, Any]) -> GatewayProcess:
+        """Writes ``data`` (listening on a free port) to ``tmp/<name>.toml``."""
+        port = free_port()
+        path = tmp / f"{name}.toml"
+        config = {**data, "gateway": {**data["gateway"], "listen": f"127.0.0.1:{port}"}}
+        path.write_bytes(tomli_w.dumps(config).encode())
+        return cls(path, port, tmp / f"{name}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        self.process = spawn_keyrelay(
+            ["gateway", "serve"], self.config_path, self.log_path, gateway_env()
+        )
+
+    def wait_ready(self, timeout: float = 20.0) -> GatewayProcess:
+        """Until ``/readyz`` answers 200: listening, and an auth replica answers."""
+        assert self.process is not None
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for_process(self.process, self.log_path, "gateway", ready, timeout)
+        return self
+
+    def connected_to(self, port: int) -> bool:
+        """Whether this process has an established TCP connection to 127.0.0.1:``port``.
+
+        Reads Linux's ``/proc``: the process's socket inodes, then the TCP tables
+        (gRPC's sockets are IPv6 ones with the IPv4-mapped address).
+        """
+        assert self.process is not None
+        inodes = set()
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+        loopback = {"tcp": "0100007F", "tcp6": "0000000000000000FFFF00000100007F"}
+        for table, address in loopback.items():
+            remote = f"{address}:{port:04X}"
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                # rem_address, st (01: ESTABLISHED), inode
+                if fields[2] == remote and fields[3] == "01" and fields[9] in inodes:
+                    return True
+        return False
+
+    def stop(self) -> int | None:
+        return None if self.process is None else terminate(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

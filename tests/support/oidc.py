@@ -226,6 +226,15 @@ class OidcServer:
             timeout=_CONTROL_TIMEOUT,
         )
 
+    async def token_active(self, access_token: str, client: httpx.AsyncClient) -> bool:
+        """Whether the provider accepts ``access_token`` right now (userinfo answers 200)."""
+        response = await client.get(
+            self.userinfo_url,
+            headers={"Authorization": f"Bearer {access_token}"},
+            timeout=_CONTROL_TIMEOUT,
+        )
+        return response.status_code == 200
+
     def _control(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:

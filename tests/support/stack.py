@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,51 @@ def auth_config(redis_url: str, oidc: OidcServer, *, prefix: str, **auth: Any) -
     return parse_auth_config(auth_config_data(redis_url, oidc, prefix=prefix, **auth), auth_env())
 
 
+def spawn_keyrelay(
+    verb: list[str], config_path: Path, log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m keyrelay <verb> --config <path>``, output appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "keyrelay", *verb, "--config", str(config_path)],
+            env={**os.environ, **auth_env(), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_process(
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    what: str,
+    ready: Callable[[], bool],
+    timeout: float,
+) -> None:
+    """Polls ``ready`` until it holds; fails with the log's tail if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what} not ready after {timeout:.0f} s: "
+                + log_path.read_text(errors="replace")[-3000:]
+            )
+        time.sleep(0.05)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (after a SIGCONT, in case a test stopped it), SIGKILL after 15 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
 @dataclass
 class ReplicaProcess:
     """``keyrelay auth serve`` in its own process, as in production."""
@@ -94,37 +139,27 @@ class ReplicaProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> ReplicaProcess:
-        env = {**os.environ, **auth_env()}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "keyrelay",
-                    "auth",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
+        self.spawn()
+        return self.wait_serving(timeout)
+
+    def spawn(self) -> None:
+        """Starts the process without waiting (start several, then ``wait_serving`` each)."""
+        self.process = spawn_keyrelay(["auth", "serve"], self.config_path, self.log_path)
+
+    def wait_serving(self, timeout: float = 20.0) -> ReplicaProcess:
+        assert self.process is not None
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"replica exited: {self.log_path.read_text()[-3000:]}")
+
+            def serving() -> bool:
                 try:
                     reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
                 except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"replica not serving: {self.log_path.read_text()[-3000:]}")
-                time.sleep(0.05)
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            wait_for_process(self.process, self.log_path, "replica", serving, timeout)
+        return self
 
     def stub(self) -> auth_pb2_grpc.AuthServiceStub:
         if self.channel is None:
@@ -146,15 +181,7 @@ class ReplicaProcess:
             self.channel = None
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -502,7 +502,7 @@ class AuthService:
                 if err.kind is FailureKind.INVALID_GRANT:
                     return await self._grant_rejected(record, err)
                 return await self._refresh_failed(record, err)
-            return await self._store_fresh(record, tokens, fresh)
+            return await self._store_fresh(record, tokens, fresh, owner)
         finally:
             if renewer is not None:
                 renewer.cancel()
@@ -537,11 +537,13 @@ class AuthService:
             )
 
     async def _store_fresh(
-        self, record: AccountRecord, old: StoredTokens, fresh: TokenSet
+        self, record: AccountRecord, old: StoredTokens, fresh: TokenSet, owner: str
     ) -> Token:
         # Keep the old refresh token when the provider does not rotate it.
         kept = StoredTokens(fresh.access_token, fresh.refresh_token or old.refresh_token)
         with store_errors():
+            # The write releases our lock too (the release in the caller is then
+            # a no-op): dying between the two would leave others waiting out the lease.
             generation = await self._store.store_refreshed(
                 record.account_id,
                 expected_generation=record.generation,
@@ -550,6 +552,7 @@ class AuthService:
                 expires_at=fresh.expires_at,
                 scopes=fresh.scopes,
                 now=self._clock(),
+                lock_owner=owner,
             )
         if generation == 0:
             self._refresh_outcome(record.provider, "fenced")

@@ -53,11 +53,14 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'account_id', ARGV[1],
 return gen
 """
 
-# KEYS: [1] account hash, [2] event stream
+# KEYS: [1] account hash, [2] event stream, [3] the refresh lock (optional)
 # ARGV: [1] account id, [2] generation read before the token call, [3] expires_at,
-#       [4] token_type, [5] tokens blob, [6] scopes, [7] stream maxlen, [8] event time (ms)
+#       [4] token_type, [5] tokens blob, [6] scopes, [7] stream maxlen, [8] event time (ms),
+#       [9] the holder's lock owner token (with KEYS[3])
 # Returns the new generation, or 0 when fenced out (disconnected, or another
-# holder already wrote a newer generation): then nothing is written.
+# holder already wrote a newer generation): then nothing is written. A written
+# refresh releases the holder's lock in the same step: a holder that dies right
+# after the write leaves no lease for the other replicas to wait out.
 _REFRESH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return 0 end
@@ -66,6 +69,7 @@ redis.call('HSET', KEYS[1], 'expires_at', ARGV[3], 'token_type', ARGV[4], 'token
   'scopes', ARGV[6], 'generation', gen, 'failures', 0, 'retry_at', 0, 'last_error', '')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'account_id', ARGV[1],
   'kind', 'REFRESHED', 'reason', '', 'generation', gen, 'at', ARGV[8])
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
 return gen
 """
 
@@ -315,21 +319,27 @@ class RedisStore:
         expires_at: float,
         scopes: Sequence[str],
         now: float,
+        lock_owner: str | None = None,
     ) -> int:
-        """Fenced write; returns the new generation or 0 when fenced out."""
-        result = await self._refresh(
-            keys=[self._account_key(account_id), self.events_stream],
-            args=[
-                account_id,
-                str(expected_generation),
-                repr(expires_at),
-                token_type,
-                self._seal_tokens(account_id, tokens),
-                " ".join(scopes),
-                self._maxlen,
-                int(now * 1000),
-            ],
-        )
+        """Fenced write; returns the new generation or 0 when fenced out.
+
+        With ``lock_owner``, a successful write also releases that holder's lock.
+        """
+        keys = [self._account_key(account_id), self.events_stream]
+        args: list[str | int | bytes] = [
+            account_id,
+            str(expected_generation),
+            repr(expires_at),
+            token_type,
+            self._seal_tokens(account_id, tokens),
+            " ".join(scopes),
+            self._maxlen,
+            int(now * 1000),
+        ]
+        if lock_owner is not None:
+            keys.append(self.lock_key(account_id))
+            args.append(lock_owner)
+        result = await self._refresh(keys=keys, args=args)
         return int(result)
 
     async def disconnect(
