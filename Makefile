@@ -46,6 +46,10 @@ browser: ## Install chromium for the browser test (apt-get, as root; once)
 	@chromium --version
 
 test: $(PROTO_OUT) $(STAMP_NODE) ## Run the whole test suite (sets itself up)
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) --no-print-directory browser; \
+	  else echo "note: no chromium (make browser installs it as root): the browser tests will skip"; fi; \
+	fi
 	$(BIN)/python -m pytest
 
 deploy-check: $(PROTO_OUT) ## Check deploy/ and the Containerfile offline (kustomize, schemas, policies)

@@ -218,6 +218,18 @@ class DevStack:
             time.sleep(0.2)
 
 
+def ensure_free(port: int, flag: str) -> None:
+    """Refuses a taken port up front: waiting for it to listen would find the other owner."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise DevError(
+                f"port {port} is in use (another keyrelay dev?); stop it or pass {flag} PORT"
+            ) from None
+
+
 def run_dev(
     state_dir: Path,
     *,
@@ -241,6 +253,12 @@ def run_dev(
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        for port, flag in (
+            (auth_port, "--auth-port"),
+            (gateway_port, "--gateway-port"),
+            (web_port, "--web-port"),
+        ):
+            ensure_free(port, flag)
         auth_config, gateway_config = stack.prepare()
         stack.start_service("auth", auth_config, auth_port, web_port)
         stack.start_service("gateway", gateway_config, gateway_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import anthropic
 import pytest
@@ -91,6 +92,29 @@ async def test_cold_worker_fetches_once_then_serves_from_cache(stack: Stack) -> 
     assert tokens.rpcs == 1
     assert tokens.hits >= 20
     assert len(stack.upstream.requests) == 60
+
+
+async def test_a_token_stale_for_the_worker_but_fresh_for_the_auth_service_is_refreshed(
+    stack: Stack,
+) -> None:
+    """The worker asks for ``min_ttl = its skew + 1``, so it never re-fetches a token
+    that the auth service (with a smaller skew) would hand back unchanged."""
+    current = await token_of(stack)
+    remaining = current.expires_at - time.time()
+    # Stale for this worker in about two seconds, fresh for the auth service for an hour.
+    await stack.restart_gateway(token_skew_seconds=remaining - 2)
+    tokens = stack.gateway.app.tokens
+    assert tokens is not None
+    async with stack.client(PLAIN_KEY) as client:
+        await client.messages.create(**SIMPLE)  # type: ignore[call-overload]
+        await asyncio.sleep(3)
+        for _ in range(10):
+            await client.messages.create(**SIMPLE)  # type: ignore[call-overload]
+    # One fetch at start; one refresh once the token was stale here: not one per request.
+    assert tokens.rpcs == 2
+    assert (await token_of(stack)).generation == current.generation + 1
+    sent = {r.header("authorization") for r in stack.upstream.requests[-10:]}
+    assert len(sent) == 1
 
 
 async def test_refresh_elsewhere_evicts_and_the_next_request_uses_the_new_token(

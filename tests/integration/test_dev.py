@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -187,3 +188,35 @@ def test_dev_config_enables_the_web_side_and_allows_its_callback(
     )
     # providers.toml, the file the user edits, is left as it was.
     assert "18081" not in (state / "providers.toml").read_text()
+
+
+def test_dev_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "keyrelay",
+                "dev",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--auth-port",
+                str(free_port()),
+                "--gateway-port",
+                str(port),
+                "--web-port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"port {port} is in use" in result.stderr
+    assert "--gateway-port" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything was set up

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from keyrelay.gateway.tracing import GetToken, traced_get_token
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.gateway.tokens")
+# The auth service refuses larger minimums (a token rarely lives longer than an hour).
+MAX_MIN_TTL_SECONDS: Final = 3600
 
 SERVICE_CONFIG: Final = json.dumps(
     {
@@ -139,6 +142,10 @@ class TokenClient:
             ("authorization", f"Bearer {service_token}"),
         )
         self._skew = skew
+        # Ask for a token this worker will cache: expires_at travels in whole seconds
+        # and the auth service's own skew may be smaller, so without a minimum a token
+        # it still calls fresh could be stale here, and cost one RPC per request.
+        self._min_ttl = min(math.ceil(skew) + 1, MAX_MIN_TTL_SECONDS)
         self._timeout = rpc_timeout
         self._clock = clock
         self._cache: dict[str, CachedToken] = {}
@@ -188,7 +195,11 @@ class TokenClient:
         self.rpcs += 1
         try:
             reply = await self._get_token(
-                auth_pb2.GetTokenRequest(account_id=account_id, stale_generation=stale_generation),
+                auth_pb2.GetTokenRequest(
+                    account_id=account_id,
+                    min_ttl_seconds=self._min_ttl,
+                    stale_generation=stale_generation,
+                ),
                 metadata=self._metadata,
                 timeout=self._timeout,
             )
