@@ -462,7 +462,9 @@ def test_containerfile_is_multi_stage_and_final_stage_is_minimal() -> None:
     assert len(stages) >= 2
     builder, final = "\n".join(stages[0]), stages[-1]
     assert "grpc_tools.protoc" in builder
-    assert re.search(r"pip install \.(\s|$)", builder), "a regular, non-editable install"
+    assert re.search(r"pip install \"?\.(\[tracing\])?\"?(\s|$)", builder), (
+        "a regular, non-editable install"
+    )
     assert " -e " not in builder
     assert final[0] == "FROM ${PYTHON_IMAGE}"
     final_text = "\n".join(final)
