@@ -24,6 +24,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
+from keyrelay.auth.core.redis_url import RedisUrlError, parse_redis_url
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
 
@@ -516,9 +517,11 @@ def _redis_url(auth: _Section, env: Mapping[str, str], read_file: ReadFile) -> s
     if secret is not None and auth.data.get("redis_url") is not None:
         raise ConfigError("auth.redis_url: set either redis_url or redis_url_secret, not both")
     url = secret or auth.string("redis_url", "redis://127.0.0.1:6379/0")
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    try:
+        parse_redis_url(url)
+    except RedisUrlError as exc:  # its message never quotes the password
         key = auth.key("redis_url_secret" if secret is not None else "redis_url")
-        raise ConfigError(f"{key}: must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError(f"{key}: {exc}") from None
     return url
 
 

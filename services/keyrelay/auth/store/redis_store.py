@@ -27,10 +27,12 @@ from typing import Any, Final, cast
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from keyrelay.auth.core.redis_url import DirectUrl, SentinelUrl, parse_redis_url
 from keyrelay.auth.store.crypto import TokenCipher
 
 CONNECTED: Final = "connected"
@@ -120,6 +122,54 @@ return 0
 """
 
 
+def _client_options() -> dict[str, Any]:
+    """Every connection to a Redis primary, direct or through Sentinel, is made so."""
+    return {
+        # A restarted Redis (or a Sentinel failover) is waited out for a few
+        # seconds instead of failing the request at the first broken socket.
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "socket_connect_timeout": 2.0,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+
+
+def open_client(target: DirectUrl | SentinelUrl) -> tuple[redis.Redis, Sentinel | None]:
+    """The client for a checked URL, and the Sentinel manager behind it if any.
+
+    The master client asks the sentinels for the primary's address on every new
+    connection; a connection to a demoted or dead primary fails, and the retry
+    above reconnects to the one the sentinels name (none while they elect: a
+    ``MasterNotFoundError``, a connection error, retried the same way). Each
+    sentinel gets one attempt with short timeouts, so a dead one costs seconds
+    at most before the next is asked.
+    """
+    if isinstance(target, DirectUrl):
+        return redis.Redis.from_url(target.url, **_client_options()), None
+    sentinel_options: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 2.0,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), retries=0),
+        "ssl": target.tls,
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        list(target.sentinels), sentinel_kwargs=sentinel_options
+    )
+    client = sentinel.master_for(
+        target.service_name,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        **_client_options(),
+    )
+    return cast(redis.Redis, client), sentinel
+
+
 @dataclass(frozen=True, slots=True)
 class StoredTokens:
     access_token: str = field(repr=False)
@@ -185,8 +235,10 @@ class RedisStore:
         prefix: str = "keyrelay:",
         events_stream: str = "keyrelay:events",
         events_maxlen: int = 100_000,
+        sentinel: Sentinel | None = None,
     ) -> None:
         self._redis = client
+        self._sentinel = sentinel  # the sentinel connections behind a master_for client
         self._cipher = cipher
         self._prefix = prefix
         self.events_stream = events_stream
@@ -209,18 +261,15 @@ class RedisStore:
         events_stream: str = "keyrelay:events",
         events_maxlen: int = 100_000,
     ) -> RedisStore:
-        client = redis.Redis.from_url(
-            url,
-            # A restarted Redis (or a Sentinel failover) is waited out for a few
-            # seconds instead of failing the request at the first broken socket.
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            socket_connect_timeout=2.0,
-            socket_keepalive=True,
-            health_check_interval=15,
-        )
+        """A plain client, or for a ``redis+sentinel://`` URL the elected primary's."""
+        client, sentinel = open_client(parse_redis_url(url))
         return cls(
-            client, cipher, prefix=prefix, events_stream=events_stream, events_maxlen=events_maxlen
+            client,
+            cipher,
+            prefix=prefix,
+            events_stream=events_stream,
+            events_maxlen=events_maxlen,
+            sentinel=sentinel,
         )
 
     @property
@@ -230,6 +279,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def ping(self) -> bool:
         try:
