@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -422,3 +423,33 @@ async def test_unknown_method_is_unimplemented(channel: aio.Channel) -> None:
     result = await _unary(channel, "NoSuchMethod")
     assert isinstance(result, aio.AioRpcError)
     assert result.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@dataclass
+class _Details:
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+async def test_each_method_is_wrapped_once_and_rewrapped_when_its_handler_changes() -> None:
+    interceptor = AuthInterceptor(CallerAuthenticator([Caller("admin", ADMIN_TOKEN)]))
+    echo: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_echo)
+    boom: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_boom)
+    serving = {"/svc/Echo": echo, "/svc/Boom": boom, "/grpc.health.v1.Health/Check": echo}
+
+    async def continuation(details: grpc.HandlerCallDetails) -> Any:
+        return serving.get(details.method)
+
+    first = await interceptor.intercept_service(continuation, _Details("/svc/Echo"))
+    again = await interceptor.intercept_service(continuation, _Details("/svc/Echo"))
+    other = await interceptor.intercept_service(continuation, _Details("/svc/Boom"))
+    assert first is again
+    assert first is not echo
+    assert other is not first
+    assert (
+        await interceptor.intercept_service(continuation, _Details("/grpc.health.v1.Health/Check"))
+        is echo
+    )
+    assert await interceptor.intercept_service(continuation, _Details("/svc/Nope")) is None
+    serving["/svc/Echo"] = boom  # a new handler object for the method: wrapped anew
+    assert await interceptor.intercept_service(continuation, _Details("/svc/Echo")) is not first

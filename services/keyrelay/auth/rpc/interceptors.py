@@ -242,6 +242,9 @@ class AuthInterceptor(aio.ServerInterceptor):
     def __init__(self, authenticator: CallerAuthenticator, tracer: Tracer = NOOP_TRACER) -> None:
         self._auth = authenticator
         self._tracer = tracer
+        # method -> (the servicer's handler, its wrapped form): wrapping builds closures
+        # and a handler object, work that would otherwise be redone on every call.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -252,4 +255,9 @@ class AuthInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        return _wrap(handler, self._auth.guard_for(method), method, self._tracer)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, self._auth.guard_for(method), method, self._tracer)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
