@@ -69,7 +69,11 @@ COMMON_EDGES: set[Edge] = {
     ("gateway", WORLD, "TCP/443"),
 }
 IN_CLUSTER_REDIS = {("auth", "redis", "TCP/6379")}
-EXTERNAL_REDIS = {("auth", WORLD, "TCP/6379"), ("auth", WORLD, "TCP/6380")}
+EXTERNAL_REDIS = {
+    ("auth", WORLD, "TCP/6379"),
+    ("auth", WORLD, "TCP/6380"),
+    ("auth", WORLD, "TCP/26379"),  # Redis Sentinel
+}
 EXPECTED_EDGES = {
     "local-redis": COMMON_EDGES | IN_CLUSTER_REDIS,
     "external-redis": COMMON_EDGES | EXTERNAL_REDIS,
