@@ -10,6 +10,11 @@ Everything runs on 127.0.0.1 in one invocation, each part in its own process:
   the default, empty profile, and ``tools`` with ``tool_prefix = "mcp_"``, so
   the request and response transforms run (tools renamed on the way up,
   ``tool_use`` names mapped back on the way down);
+- the floor: ``bench/floor_proxy.py``, a bare forwarding proxy on the gateway's
+  own stack (uvicorn + aiohttp, no keys, transforms, usage, metrics or logs),
+  measured like a route, so that what the gateway adds above its frameworks
+  can be told apart from the frameworks and the machine (its values are
+  printed in brackets beside each target);
 - a load generator in separate process(es) (``--load-procs``; aiohttp client on
   uvloop, closed loop of in-flight requests), each scenario a warm-up and then
   a measurement window (``--seconds``).
@@ -100,6 +105,7 @@ EVENTS = 2000
 API_KEY_ENV = "KR_BENCH_UPSTREAM_KEY"
 TOOL_PREFIX = "mcp_"
 HIGH_CONCURRENCY = 32
+FLOOR = "floor"  # the label of bench/floor_proxy.py's path
 
 ADDED_P50_TARGET_MS = 0.5  # at concurrency 1
 PER_CORE_TARGET = 3000.0  # non-stream requests/s per gateway core at concurrency 32
@@ -421,19 +427,38 @@ def start_gateway(
         stdout=subprocess.DEVNULL,
         env=env,
     )
+    return gateway, wait_serving(gateway, port)
+
+
+def start_floor(stack: contextlib.ExitStack, tmp: Path, upstream_url: str) -> tuple[Service, str]:
+    """``bench/floor_proxy.py``: the gateway's stack (uvicorn + aiohttp) doing nothing else."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.floor_proxy", "--upstream", upstream_url]
+    floor = _spawn(
+        stack,
+        "floor proxy",
+        [*argv, "--port", str(port)],
+        tmp / "floor.log",
+        stdout=subprocess.DEVNULL,
+    )
+    return floor, wait_serving(floor, port)
+
+
+def wait_serving(service: Service, port: int) -> str:
+    """The service's URL once it answers HTTP on ``port`` (any status: it is up)."""
     deadline = time.monotonic() + 30
     while True:
-        gateway.check_alive()
-        with contextlib.suppress(OSError):
+        service.check_alive()
+        with contextlib.suppress(OSError, http.client.HTTPException):
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             try:
                 connection.request("GET", "/healthz")
-                if connection.getresponse().status == 200:
-                    return gateway, f"http://127.0.0.1:{port}"
+                connection.getresponse()
+                return f"http://127.0.0.1:{port}"
             finally:
                 connection.close()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"gateway not serving after 30 s:\n{gateway.log_tail()}")
+            raise RuntimeError(f"{service.name} not serving after 30 s:\n{service.log_tail()}")
         time.sleep(0.05)
 
 
@@ -442,15 +467,17 @@ def start_gateway(
 
 @dataclass(frozen=True)
 class Target:
-    """Where the load goes: straight to the upstream or through a gateway route."""
+    """Where the load goes: straight to the upstream, or through a proxy process."""
 
-    label: str  # "direct", "gw plain", "gw tools"
+    label: str  # "direct", "floor", "gw plain", "gw tools"
     url: str
     headers: tuple[tuple[str, str], ...]
+    proxy: Service | None = None  # the process in between, whose CPU is measured
 
     @property
     def through_gateway(self) -> bool:
-        return self.label != "direct"
+        """Through a proxy: the gateway, or the floor proxy beside it."""
+        return self.proxy is not None
 
 
 def client_headers(key: str | None) -> tuple[tuple[str, str], ...]:
@@ -487,8 +514,9 @@ async def preflight(paths: Sequence[Target]) -> None:
                     names = [b["name"] for b in json.loads(data)["content"] if "name" in b]
                     if names != [expected]:
                         raise RuntimeError(f"{path.label}: tool names {names}, not [{expected}]")
-    if streams.get("gw plain") != streams.get("direct"):
-        raise RuntimeError("the plain route did not forward the stream byte-for-byte")
+    for label in ("gw plain", FLOOR):
+        if streams.get(label) != streams.get("direct"):
+            raise RuntimeError(f"{label} did not forward the stream byte-for-byte")
 
 
 @dataclass
@@ -553,7 +581,7 @@ class Bench:
             window=self.args.seconds,
         )
         meters = {
-            "gateway": CpuMeter([self.gateway.pid]),
+            "gateway": CpuMeter([(path.proxy or self.gateway).pid]),
             "upstream": CpuMeter([self.upstream.pid]),
             "client": CpuMeter(self.load.pids),
         }
@@ -612,7 +640,7 @@ def cpu_columns(r: Result, procs: int) -> list[str]:
     ]
 
 
-CPU_HEADERS = ("client cpu", "upstream cpu", "gw cpu", "host busy")
+CPU_HEADERS = ("client cpu", "upstream cpu", "proxy cpu", "host busy")
 
 
 def print_requests(results: Sequence[Result], procs: int) -> None:
@@ -626,8 +654,8 @@ def print_requests(results: Sequence[Result], procs: int) -> None:
         "+p50 ms",
         "x p50",
         "+p99 ms",
-        "gw us/req",
-        "req/s/gw core",
+        "proxy us/req",
+        "req/s/proxy core",
         "err",
         *CPU_HEADERS,
     )
@@ -664,8 +692,8 @@ def print_streams(results: Sequence[Result], procs: int) -> None:
         "events/s",
         "MB/s",
         "x direct",
-        "gw us/event",
-        "gw us/stream",
+        "proxy us/event",
+        "proxy us/stream",
         "err",
         *CPU_HEADERS,
     )
@@ -702,44 +730,73 @@ def direct_of(result: Result, results: Sequence[Result]) -> Result:
     )
 
 
+def floor_of(result: Result, results: Sequence[Result]) -> Result | None:
+    """The floor proxy's run beside ``result`` (same kind, client, concurrency)."""
+    return next(
+        (
+            r
+            for r in results
+            if r.path.label == FLOOR
+            and (r.stream, r.client, r.concurrency)
+            == (result.stream, result.client, result.concurrency)
+        ),
+        None,
+    )
+
+
+def floor_event_us(result: Result, results: Sequence[Result]) -> float | None:
+    floor = floor_of(result, results)
+    return floor.cpu_us(floor.events) if floor else None
+
+
 def print_targets(
     requests: Sequence[Result], streams: Sequence[Result], gateway_labels: Sequence[str]
 ) -> None:
-    print("\nTargets (per gateway route):")
+    print(f"\nTargets (per gateway route; in brackets the {FLOOR} proxy's value in the same run):")
     for label in gateway_labels:
         c1 = [r for r in requests if r.concurrency == 1]
         direct1 = next(r for r in c1 if not r.path.through_gateway)
         gw1 = next(r for r in c1 if r.path.label == label)
         added = gw1.p(50) - direct1.p(50)
+        floor1 = floor_of(gw1, requests)
+        floor_added = f"{floor1.p(50) - direct1.p(50):+.2f} ms" if floor1 else "n/a"
         print(
             f"  [{mark(added <= ADDED_P50_TARGET_MS)}] {label}: p50 added at concurrency 1 "
             f"<= +{ADDED_P50_TARGET_MS:g} ms: {added:+.2f} ms "
-            f"({fmt_ms(gw1.p(50))} vs {fmt_ms(direct1.p(50))} direct)"
+            f"({fmt_ms(gw1.p(50))} vs {fmt_ms(direct1.p(50))} direct) [{floor_added}]"
         )
         high = next(
             r for r in requests if r.concurrency == HIGH_CONCURRENCY and r.path.label == label
         )
         per_core = high.per_core
+        floor_high = floor_of(high, requests)
+        floor_per_core = fmt(floor_high.per_core if floor_high else None)
         print(
             f"  [{mark(per_core is not None and per_core >= PER_CORE_TARGET)}] {label}: "
             f">= {PER_CORE_TARGET:.0f} non-stream req/s per gateway core at concurrency "
             f"{HIGH_CONCURRENCY}: {fmt(per_core)} ({high.rate:.0f} req/s on "
-            f"{fmt(high.gateway_cores, 2)} core)"
+            f"{fmt(high.gateway_cores, 2)} core) [{floor_per_core}]"
         )
         mine = [r for r in streams if r.path.label == label]
         for stream in mine:
             direct_stream = direct_of(stream, streams)
             x = ratio(stream.events, direct_stream.events)
+            floor_stream = floor_of(stream, streams)
+            floor_x = ratio(floor_stream.events, direct_stream.events) if floor_stream else None
             print(
                 f"  [{mark(x is not None and x >= STREAM_RATIO_TARGET)}] {label}: streaming "
                 f">= {STREAM_RATIO_TARGET:g}x direct, client reading {stream.client}: "
                 f"{fmt(x, 2, 'x')} ({stream.events / stream.window:.0f} vs "
-                f"{direct_stream.events / direct_stream.window:.0f} events/s)"
+                f"{direct_stream.events / direct_stream.window:.0f} events/s) "
+                f"[{fmt(floor_x, 2, 'x')}]"
             )
-        costs = [(r.cpu_us(r.events), r.client) for r in mine]
+        costs = [(r.cpu_us(r.events), r) for r in mine]
         worst = max((us for us, _ in costs if us is not None), default=None)
         what = "untouched SSE event" if label == "gw plain" else "SSE event (tool table on)"
-        each = ", ".join(f"{fmt(us, 2)} us ({client})" for us, client in costs)
+        each = ", ".join(
+            f"{fmt(us, 2)} us ({r.client}) [{fmt(floor_event_us(r, streams), 2)}]"
+            for us, r in costs
+        )
         print(
             f"  [{mark(worst is not None and worst <= EVENT_CPU_TARGET_US)}] {label}: <= "
             f"{EVENT_CPU_TARGET_US:g} us gateway CPU per {what} (worst run): {each}"
@@ -838,8 +895,12 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     upstream, upstream_url = start_upstream(stack, tmp, args.stream_chunk)
     routes = [Route("plain", new_key()), Route("tools", new_key())]
     gateway, gateway_url = start_gateway(stack, tmp, upstream_url, routes)
-    paths = [Target("direct", upstream_url, client_headers(None))]
-    paths += [Target(f"gw {r.label}", gateway_url, client_headers(r.key)) for r in routes]
+    floor, floor_url = start_floor(stack, tmp, upstream_url)
+    paths = [
+        Target("direct", upstream_url, client_headers(None)),
+        Target(FLOOR, floor_url, client_headers(None), floor),
+    ]
+    paths += [Target(f"gw {r.label}", gateway_url, client_headers(r.key), gateway) for r in routes]
     asyncio.run(preflight(paths))
     print(
         "preflight: every path answers; the plain route forwards the stream byte-for-byte, "
@@ -888,7 +949,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         "nearly free, so the gateway sets the pace):"
     )
     print_streams(streams, args.load_procs)
-    print_targets(requests, streams, [p.label for p in paths if p.through_gateway])
+    print_targets(requests, streams, [p.label for p in paths if p.proxy is gateway])
     print_notes(requests + streams, args.load_procs)
 
 

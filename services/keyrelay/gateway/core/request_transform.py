@@ -47,7 +47,8 @@ the upstream's to judge, so the gateway is never stricter than the API)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,9 +98,9 @@ _CLIENT_SET_HEADERS = frozenset(
 _ALWAYS_DROPPED = CLIENT_AUTH_HEADERS | HOP_BY_HOP_HEADERS | _CLIENT_SET_HEADERS
 BETA_HEADER = "anthropic-beta"
 
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+# A header name is an RFC 9110 token; a value has no CR, LF or NUL.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 
 
 class RequestShapeError(ValueError):
@@ -107,13 +108,13 @@ class RequestShapeError(ValueError):
 
 
 def _check_header_name(name: object, where: str) -> str:
-    if not isinstance(name, str) or not name or not set(name) <= _TOKEN_CHARS:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"{where}: {name!r} is not a valid header name")
     return name.lower()
 
 
 def _check_header_value(value: object, where: str) -> str:
-    if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+    if not isinstance(value, str) or _BAD_HEADER_VALUE.search(value):
         raise ValueError(f"{where}: header values must be strings without CR, LF or NUL")
     return value
 
@@ -228,11 +229,14 @@ def transform_headers(
     auth_name = _check_header_name(upstream_auth[0], "upstream_auth")
     auth_value = _check_header_value(upstream_auth[1], "upstream_auth")
     pairs = [(name.lower(), value) for name, value in _pairs(headers)]
-    dropped = set(_ALWAYS_DROPPED)
-    dropped.update(profile.strip_headers)
+    dropped: Set[str] = (
+        _ALWAYS_DROPPED.union(profile.strip_headers) if profile.strip_headers else _ALWAYS_DROPPED
+    )
     for name, value in pairs:
         if name == "connection":
-            dropped.update(t.strip().lower() for t in value.split(",") if t.strip())
+            more = set(dropped)  # a copy: never the shared constant
+            more.update(t.strip().lower() for t in value.split(",") if t.strip())
+            dropped = more
     out: list[tuple[str, str]] = []
     betas: list[str] = []
     for name, value in pairs:
