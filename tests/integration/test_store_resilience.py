@@ -15,7 +15,12 @@ from grpc import aio
 
 from keyrelay.auth.rpc.server import start_server
 from keyrelay.auth.store.crypto import TokenCipher
-from keyrelay.auth.store.redis_store import RedisStore, StoredTokens
+from keyrelay.auth.store.redis_store import (
+    EVENTS_BLOCK_MS,
+    SOCKET_TIMEOUT_SECONDS,
+    RedisStore,
+    StoredTokens,
+)
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from keyrelay.config import parse_auth_config, parse_encryption_keys
 from tests.conftest import AuthFactory, rpc_code
@@ -156,6 +161,15 @@ async def test_the_refreshed_write_releases_the_holders_lock_in_the_same_step(
     assert await write(generation, "not-the-owner") == generation + 1
     assert await store.lock_held("released")
     assert await store.release_lock("released", other)
+
+
+async def test_a_quiet_event_stream_read_ends_empty_before_the_socket_timeout(
+    store: RedisStore,
+) -> None:
+    """A blocking XREAD as long as the read timeout made every quiet watch fail."""
+    options = store.client.connection_pool.connection_kwargs
+    assert EVENTS_BLOCK_MS / 1000 < options["socket_timeout"] == SOCKET_TIMEOUT_SECONDS
+    assert await store.read_events(await store.last_event_id()) == []
 
 
 async def test_a_second_disconnect_adds_no_event(store: RedisStore) -> None:

@@ -636,7 +636,7 @@ class AuthService:
         cursor = await self.events_cursor(after_event_id)
         while True:
             with store_errors():
-                events = await self._store.read_events(cursor, block_ms=5000)
+                events = await self._store.read_events(cursor)
             for event in events:
                 cursor = event.event_id
                 yield event

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -122,9 +122,17 @@ return 0
 """
 
 
+# Reads give up after SOCKET_TIMEOUT_SECONDS (redis-py 8 would default to 5 s), and a
+# blocking XREAD of the event stream waits EVENTS_BLOCK_MS: well under that timeout,
+# or every quiet watch would end in a read timeout, retries, then UNAVAILABLE.
+SOCKET_TIMEOUT_SECONDS = 10.0
+EVENTS_BLOCK_MS = 2000
+
+
 def _client_options() -> dict[str, Any]:
     """Every connection to a Redis primary, direct or through Sentinel, is made so."""
     return {
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
         # A restarted Redis (or a Sentinel failover) is waited out for a few
         # seconds instead of failing the request at the first broken socket.
         "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
@@ -479,7 +487,7 @@ class RedisStore:
         return entries[0][0].decode() if entries else "0-0"
 
     async def read_events(
-        self, after_id: str, *, block_ms: int, count: int = 100
+        self, after_id: str, *, block_ms: int = EVENTS_BLOCK_MS, count: int = 100
     ) -> list[StoredEvent]:
         reply = cast(
             list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
@@ -499,15 +507,6 @@ class RedisStore:
                     )
                 )
         return events
-
-    async def tail_events(
-        self, after_id: str, *, block_ms: int = 5000
-    ) -> AsyncIterator[StoredEvent]:
-        cursor = after_id
-        while True:
-            for event in await self.read_events(cursor, block_ms=block_ms):
-                cursor = event.event_id
-                yield event
 
 
 __all__ = [
