@@ -81,6 +81,7 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
     }
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
+_MAX_KNOWN_KEYS: Final = 4096
 
 
 class ClientGone(Exception):
@@ -153,6 +154,9 @@ class GatewayApp:
             else self.upstreams.post
         )
         self._watch: asyncio.Task[None] | None = None
+        # The routes of the valid keys seen so far: SHA-256 once per key, not per request.
+        # (The process holds upstream keys and tokens anyway; these are no more secret.)
+        self._known_keys: dict[str, Route] = {}
 
     # -- ASGI -----------------------------------------------------------------
 
@@ -262,7 +266,15 @@ class GatewayApp:
 
     def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
         key = gateway_key(headers)
+        route = self._known_keys.get(key) if key else None
+        if route is not None:
+            return route
         route = self.config.routes.get(key_hash(key)) if key else None
+        if route is not None and key:
+            # Valid keys only (an unknown key is hashed every time), and bounded.
+            if len(self._known_keys) >= _MAX_KNOWN_KEYS:
+                self._known_keys.clear()
+            self._known_keys[key] = route
         if route is None:
             raise GatewayError(
                 UNKNOWN_KEY,
