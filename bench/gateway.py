@@ -831,8 +831,8 @@ def print_notes(results: Sequence[Result], procs: int) -> None:
             print(
                 f"  note: {r.path.label} streamed faster than direct with the client reading "
                 f"{r.client}: the client spent {fmt(mine, 1)} us of CPU per event on the "
-                f"gateway's framing (an HTTP chunk per gateway read) against {fmt(theirs, 1)} "
-                "us on the upstream's: a client effect, not a gateway faster than none"
+                f"proxy's framing (an HTTP chunk per proxy read) against {fmt(theirs, 1)} "
+                "us on the upstream's: a client effect, not a proxy faster than none"
             )
     busy = [r.meters.get("host") for r in results]
     saturated = sum(1 for b in busy if b is not None and b >= SATURATED)
@@ -935,9 +935,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     print("\n== Results ==")
     print(
-        "(cpu: % of one core over the window: client = all load processes, gw = the gateway "
-        f"process; host busy: % of all {os.cpu_count()} cores, other load on the machine "
-        "included; SAT = saturated)"
+        "(cpu: % of one core over the window: client = all load processes, proxy = the "
+        f"gateway's or the floor proxy's process; host busy: % of all {os.cpu_count()} cores, "
+        "other load on the machine included; SAT = saturated)"
     )
     print("\nNon-stream POST /v1/messages (+/x: against direct at the same concurrency):")
     print_requests(requests, args.load_procs)
