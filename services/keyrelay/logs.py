@@ -6,12 +6,15 @@ ids, generations and provider error codes, never a token, code or key.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
+
+import orjson
 
 _RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # Set once when tracing is enabled (keyrelay.otel): the current trace and span id.
@@ -22,6 +25,13 @@ def set_trace_ids(source: Callable[[], tuple[str, str] | None] | None) -> None:
     """Adds ``trace_id``/``span_id`` of the current span to every line (None: stop)."""
     global _trace_ids  # noqa: PLW0603  # chosen once at startup; the formatter reads it
     _trace_ids = source
+
+
+def _add_trace_ids(entry: dict[str, Any]) -> None:
+    if _trace_ids is not None:
+        ids = _trace_ids()  # formatting runs where the record was logged: same context
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,14 +45,89 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
-        if _trace_ids is not None:
-            ids = _trace_ids()  # formatting runs where the record was logged: same context
-            if ids is not None:
-                entry["trace_id"], entry["span_id"] = ids
+        _add_trace_ids(entry)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+# Values orjson would write its own way go to ``default=str``, as in JsonFormatter.
+_ORJSON_OPTIONS: Final = (
+    orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def json_line(logger: str, level: str, msg: str, fields: dict[str, Any]) -> bytes:
+    """The JSON object ``JsonFormatter`` writes for ``logging.getLogger(logger).<level>(
+    msg, extra=fields)``, newline included, without a ``LogRecord``: for a line per
+    request. The same keys in the same order with the same values, serialised by
+    orjson (~1 us against the stdlib's ~10): compact, non-ASCII as UTF-8 rather
+    than ``\\u`` escapes. What orjson refuses (an integer beyond 64 bits, a lone
+    surrogate) falls back to the formatter's own ``json.dumps``.
+
+    ``fields`` must not use ``LogRecord`` attribute names (``extra=`` refuses
+    them too); keys starting with ``_`` are left out, as there."""
+    entry: dict[str, Any] = {"ts": round(time.time(), 3), "level": level, "logger": logger}
+    entry["msg"] = msg
+    for key, value in fields.items():
+        if not key.startswith("_"):
+            entry[key] = value
+    _add_trace_ids(entry)
+    try:
+        return orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError
+        return (json.dumps(entry, default=str) + "\n").encode("ascii")  # ensure_ascii: ASCII
+
+
+class LineWriter:
+    """Lines for a binary stream, written in batches: at the latest ``interval``
+    seconds after the first unwritten line (a timer on the running event loop),
+    as soon as ``limit`` bytes wait, and on ``flush()`` (call it at shutdown).
+    Without a running loop every line is written at once.
+
+    One ``write()`` + ``flush()`` per batch instead of per line; the price is
+    that a line may reach the stream up to ``interval`` later than it was made
+    (and after lines that ``logging`` wrote meanwhile).
+    """
+
+    __slots__ = ("_interval", "_limit", "_parts", "_size", "_stream", "_timer")
+
+    def __init__(self, stream: BinaryIO, *, interval: float = 0.1, limit: int = 64 << 10) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, line: bytes) -> None:
+        self._parts.append(line)
+        self._size += len(line)
+        if self._size >= self._limit:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._parts:
+            return
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: as logging, never raise
+            pass
 
 
 def configure_logging(level: str = "info") -> None:

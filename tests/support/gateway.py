@@ -19,6 +19,7 @@ from keyrelay.config import GatewayConfig, parse_gateway_config
 from keyrelay.gateway.http.app import GatewayApp
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.server import build_app, uvicorn_config
+from keyrelay.logs import LineWriter
 from keyrelay.tracing import Tracer
 from tests.support.redis_server import free_port
 from tests.support.stack import GATEWAY_TOKEN, spawn_keyrelay, terminate, wait_for_process
@@ -97,9 +98,11 @@ class RunningGateway:
         await asyncio.wait_for(self.task, 15)
 
 
-async def start_gateway(config: GatewayConfig, *, tracer: Tracer | None = None) -> RunningGateway:
+async def start_gateway(
+    config: GatewayConfig, *, tracer: Tracer | None = None, access_writer: LineWriter | None = None
+) -> RunningGateway:
     port = free_port()
-    app = build_app(config, tracer=tracer)
+    app = build_app(config, tracer=tracer, access_writer=access_writer)
     server = uvicorn.Server(uvicorn_config(app, f"127.0.0.1:{port}"))
     server.config.timeout_graceful_shutdown = 2
     task = asyncio.create_task(server.serve())

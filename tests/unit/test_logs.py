@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import datetime
+import io
 import json
 import logging
 import sys
@@ -11,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from keyrelay.logs import JsonFormatter, configure_logging
+from keyrelay.logs import JsonFormatter, LineWriter, configure_logging, json_line
 
 
 def _record(
@@ -165,3 +169,100 @@ def test_httpx_request_logs_are_raised_to_warning(capsys: pytest.CaptureFixture[
     logging.getLogger("httpx").warning("httpx warning")
     lines = capsys.readouterr().err.splitlines()
     assert [json.loads(line)["msg"] for line in lines] == ["httpx warning"]
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    y: int
+
+
+def test_json_line_is_the_formatters_line() -> None:
+    fields: dict[str, Any] = {
+        "request_id": "req_kr_0123",
+        "route": "plain",
+        "billing": None,
+        "status": 200,
+        "stream": False,
+        "model": "claude-é",  # escaped as the formatter escapes it
+        "duration_ms": 1.25,
+        "usage": {"input": 3, "output": 4},
+        "cost_usd": 1.5e-05,
+        "error": "line one\nline two",
+        "thing": b"\x00",  # not JSON: stringified as there
+        "when": datetime.datetime(2026, 1, 2, 3, 4, 5),  # str(), not orjson's ISO form
+        "point": _Point(1, 2),  # str(), not orjson's object
+        "_private": "left out",
+    }
+    line = json_line("keyrelay.gateway.access", "info", "request", fields)
+    assert line.endswith(b"}\n")
+    assert line.count(b"\n") == 1
+    logger = logging.getLogger("keyrelay.gateway.access")
+    record = logger.makeRecord(logger.name, logging.INFO, "", 0, "request", (), None, extra=fields)
+    record.created = json.loads(line)["ts"]  # the one field that depends on the clock
+    # The same object, keys in the same order (orjson's spacing and escapes differ).
+    fast = json.loads(line)
+    formatted = json.loads(JsonFormatter().format(record))
+    assert list(fast.items()) == list(formatted.items())
+    assert list(fast)[:4] == ["ts", "level", "logger", "msg"]
+
+
+def test_json_line_falls_back_to_the_stdlib_for_what_orjson_refuses() -> None:
+    fields = {"big": 2**70, "text": "\ud800"}
+    line = json_line("keyrelay.test", "info", "m", fields)
+    record = logging.getLogger("keyrelay.test").makeRecord(
+        "keyrelay.test", logging.INFO, "", 0, "m", (), None, extra=fields
+    )
+    record.created = json.loads(line)["ts"]
+    assert line == (JsonFormatter().format(record) + "\n").encode()
+
+
+class _Stream(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_line_writer_without_a_loop_writes_each_line() -> None:
+    stream = _Stream()
+    writer = LineWriter(stream)
+    writer.write(b"one\n")
+    assert stream.getvalue() == b"one\n"
+    assert stream.flushes == 1
+
+
+async def test_line_writer_batches_until_its_timer_or_flush() -> None:
+    stream = _Stream()
+    writer = LineWriter(stream, interval=0)
+    writer.write(b"one\n")
+    writer.write(b"two\n")
+    assert stream.getvalue() == b""
+    for _ in range(3):
+        await asyncio.sleep(0)  # the timer (interval 0) runs on a next loop iteration
+    assert stream.getvalue() == b"one\ntwo\n"
+    assert stream.flushes == 1
+    writer.write(b"three\n")
+    writer.flush()  # at shutdown
+    assert stream.getvalue() == b"one\ntwo\nthree\n"
+    writer.flush()  # nothing left: no write
+    assert stream.flushes == 2
+
+
+async def test_line_writer_writes_when_the_buffer_fills() -> None:
+    stream = _Stream()
+    writer = LineWriter(stream, interval=3600, limit=8)
+    writer.write(b"1234\n")
+    assert stream.getvalue() == b""
+    writer.write(b"5678\n")
+    assert stream.getvalue() == b"1234\n5678\n"
+    writer.flush()
+    assert stream.flushes == 1
+
+
+def test_line_writer_never_raises_on_a_closed_stream() -> None:
+    stream = _Stream()
+    stream.close()
+    LineWriter(stream).write(b"lost\n")

@@ -46,12 +46,12 @@ the upstream's to judge, so the gateway is never stricter than the API)
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
+from keyrelay.gateway.core import fast_json
 from keyrelay.gateway.core.tool_names import (
     ALIAS_HASH_CHARS,
     MAX_TOOL_NAME_BYTES,
@@ -194,7 +194,7 @@ def _refuse_constant(name: str) -> Any:
 def decode_json_body(raw: bytes) -> dict[str, Any]:
     """Parse a request body; ``RequestShapeError`` unless it is a JSON object."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
+        body = fast_json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise RequestShapeError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -208,11 +208,7 @@ def encode_json_body(body: object) -> bytes:
     A lone surrogate (JSON allows ``"\\ud800"``) cannot be UTF-8: such a body
     is sent with ASCII escapes instead, exactly as the client wrote it.
     """
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return fast_json.dumps(body, fast=False, allow_nan=False)
 
 
 # -- headers and query --------------------------------------------------------

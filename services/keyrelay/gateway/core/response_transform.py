@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from keyrelay.gateway.core import fast_json
 from keyrelay.gateway.core.errors import error_event
 from keyrelay.gateway.core.sse import (
     DEFAULT_MAX_EVENT_BYTES,
@@ -76,12 +77,7 @@ _MESSAGE_DELTA = b"message_delta"
 def _dumps(obj: object) -> str:
     """Compact JSON that is always encodable as UTF-8 (a lone surrogate, which
     JSON can carry as an escape, is written back as an escape)."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":"))
-    return text
+    return fast_json.dumps(obj, fast=False, allow_nan=True).decode("utf-8")
 
 
 def _loads(text: str | bytes) -> object:
@@ -121,7 +117,10 @@ def _rename_content(content: list[object], tool_names: ToolNameTable) -> list[ob
 
 def inspect_response_json(body: bytes, tool_names: ToolNameTable | None) -> JSONResponse:
     """Map ``tool_use`` names back and read usage and model, parsing ``body`` once."""
-    obj = _loads(body)
+    try:
+        obj, fast = fast_json.loads_flagged(body)
+    except (ValueError, RecursionError):
+        return JSONResponse(body, None, None)
     if not isinstance(obj, dict) or obj.get("type") == "error":
         return JSONResponse(body, None, None)
     model = obj.get("model")
@@ -131,7 +130,7 @@ def inspect_response_json(body: bytes, tool_names: ToolNameTable | None) -> JSON
     if tool_names is not None and isinstance(content, list):
         renamed = _rename_content(content, tool_names)
         if renamed is not None:
-            body = _dumps({**obj, "content": renamed}).encode("utf-8")
+            body = fast_json.dumps({**obj, "content": renamed}, fast=fast, allow_nan=True)
     return JSONResponse(body, usage, result_model)
 
 

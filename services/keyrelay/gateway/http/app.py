@@ -61,6 +61,7 @@ from keyrelay.gateway.http.upstream import Upstreams, chunks, read_all, release
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.tokens import TokenClient, TokenError
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
+from keyrelay.logs import LineWriter, json_line
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.gateway")
@@ -136,10 +137,15 @@ class GatewayApp:
         token_client: Callable[[], TokenClient] | None,
         metrics: GatewayMetrics | None = None,
         tracer: Tracer = NOOP_TRACER,
+        access_writer: LineWriter | None = None,
     ) -> None:
         """``token_client`` makes the client at startup: a gRPC channel belongs to
-        the event loop it was made on, and uvicorn makes its loop after this."""
+        the event loop it was made on, and uvicorn makes its loop after this.
+
+        ``access_writer``: where the access lines go, formatted as ``JsonFormatter``
+        would, without a ``LogRecord`` (``None``: through ``logging``)."""
         self.config = config
+        self.access_writer = access_writer
         self._token_client = token_client
         self.tokens: TokenClient | None = None
         self.metrics = metrics or GatewayMetrics()
@@ -192,6 +198,8 @@ class GatewayApp:
         await self.upstreams.close()
         if self.tokens is not None:
             await self.tokens.close()
+        if self.access_writer is not None:
+            self.access_writer.flush()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -475,7 +483,11 @@ class GatewayApp:
             entry["cost_usd"] = cost
         if outcome.error:
             entry["error"] = outcome.error
-        _access(entry)
+        if access_log.isEnabledFor(logging.INFO):
+            if self.access_writer is not None:
+                self.access_writer.write(json_line(access_log.name, "info", "request", entry))
+            else:
+                _access(entry)
         if self.tracer.enabled:
             record_outcome(self.tracer, outcome, request_id)
 
@@ -483,12 +495,11 @@ class GatewayApp:
 def _access(entry: dict[str, Any]) -> None:
     """``access_log.info("request", extra=entry)`` minus the caller lookup (a stack
     walk per line for file/line fields that the JSON lines do not carry)."""
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.handle(
-            access_log.makeRecord(
-                access_log.name, logging.INFO, "", 0, "request", (), None, extra=entry
-            )
+    access_log.handle(
+        access_log.makeRecord(
+            access_log.name, logging.INFO, "", 0, "request", (), None, extra=entry
         )
+    )
 
 
 def _too_large(limit: int) -> str:
