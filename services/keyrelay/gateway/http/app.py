@@ -388,7 +388,9 @@ class GatewayApp:
             response = await self._post(route.upstream, path, retry_headers, request.query, payload)
         outcome.upstream_seconds = time.perf_counter() - sent_at
         outcome.upstream_status = response.status
-        self.metrics.upstream_latency_for(route.upstream.name).observe(outcome.upstream_seconds)
+        self.metrics.tally.observe(
+            self.metrics.upstream_latency_for(route.upstream.name), outcome.upstream_seconds
+        )
         try:
             headers = _response_headers(response, request_id)
             content_type = response.headers.get("content-type", "")
@@ -443,8 +445,9 @@ class GatewayApp:
         billing = outcome.billing
         mode = billing.value if billing else "-"  # an enum's .value is a property call
         m = self.metrics
-        m.requests_for(route_name, str(outcome.status), mode).inc()
-        m.latency_for(route_name, "true" if outcome.stream else "false").observe(seconds)
+        tally = m.tally
+        tally.inc(m.requests_for(route_name, str(outcome.status), mode))
+        tally.observe(m.latency_for(route_name, "true" if outcome.stream else "false"), seconds)
         cost = None
         account = (route.account if route else None) or "-"
         if outcome.usage is not None and billing is not None:
@@ -456,10 +459,10 @@ class GatewayApp:
                 ("cache_read", usage.cache_read_input_tokens),
             ):
                 if count:
-                    m.tokens_for(account, mode, kind).inc(count)
+                    tally.inc(m.tokens_for(account, mode, kind), count)
             cost = self.config.prices.cost(usage, outcome.model, billing)
             if cost:
-                m.cost_for(account, mode).inc(cost)
+                tally.inc(m.cost_for(account, mode), cost)
         entry: dict[str, Any] = {
             "request_id": request_id,
             "route": route_name,

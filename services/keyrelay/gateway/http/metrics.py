@@ -6,9 +6,11 @@ a configured account, ``status`` an HTTP status, ``mode``/``billing`` enums.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -38,6 +40,62 @@ class Children(Generic[M]):
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BOUNDS: Final = (*LATENCY_BUCKETS, math.inf)
+
+
+class Tally:
+    """The hot path's increments and observations in plain numbers, folded into
+    the metric children whenever the registry is read (``fold``).
+
+    ``Counter.inc`` and ``Histogram.observe`` take a lock per value (nine per
+    request); a dict update costs a fraction. Everything runs on the worker's
+    event loop, scrapes included, so nothing is locked. A histogram's tally is
+    ``[sum, count in bucket 0, ...]`` (not cumulative, as ``observe`` counts).
+    """
+
+    __slots__ = ("_counts", "_observed")
+
+    def __init__(self) -> None:
+        self._counts: dict[Counter, float] = {}
+        self._observed: dict[Histogram, list[float]] = {}
+
+    def inc(self, child: Counter, amount: float = 1) -> None:
+        counts = self._counts
+        counts[child] = counts.get(child, 0) + amount
+
+    def observe(self, child: Histogram, value: float) -> None:
+        tally = self._observed.get(child)
+        if tally is None:
+            tally = self._observed[child] = [0.0] * (len(_BOUNDS) + 1)
+        tally[0] += value
+        # The first bound >= value: the bucket Histogram.observe would count.
+        tally[1 + bisect_left(_BOUNDS, value)] += 1
+
+    def fold(self) -> None:
+        counts, self._counts = self._counts, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        observed, self._observed = self._observed, {}
+        for histogram, tally in observed.items():
+            # Histogram has no public "add n observations": its sum and buckets.
+            histogram._sum.inc(tally[0])
+            for bucket, count in zip(histogram._buckets, tally[1:], strict=True):
+                if count:
+                    bucket.inc(count)
+
+
+class _FoldOnCollect(Collector):
+    """Registered first: the registry collects it before the metrics it feeds."""
+
+    def __init__(self, tally: Tally) -> None:
+        self._tally = tally
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no metrics of its own
+
+    def collect(self) -> Iterator[Metric]:
+        self._tally.fold()
+        return iter(())
 
 
 @dataclass
@@ -46,6 +104,8 @@ class GatewayMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.tally = Tally()
+        r.register(_FoldOnCollect(self.tally))
         self.requests = Counter(
             "keyrelay_gateway_requests",
             "Requests answered, by route, HTTP status and auth mode used",
