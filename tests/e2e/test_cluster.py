@@ -80,7 +80,10 @@ AUTH_SKEW = 3  # the auth service refreshes when less than this is left
 GATEWAY_SKEW = 2
 GATEWAYS = 3
 CLIENTS_PER_GATEWAY = 2
-MAX_REQUESTS_PER_CLIENT = 400  # bounds the traffic whatever the machine's speed
+# Traffic runs until the test stops it; these only bound it if the test hangs.
+# (A count alone ran out on a fast, quiet machine before the last refresh.)
+TRAFFIC_SECONDS = 120.0
+MAX_REQUESTS_PER_CLIENT = 20_000
 PAUSE = 0.02  # seconds between one client's requests
 # The victim is frozen (SIGSTOP) from the first refresh until every gateway is
 # stuck on a GetToken it sent there (nothing answered for STALL seconds), at
@@ -161,9 +164,12 @@ class Traffic:
         async with anthropic.AsyncAnthropic(
             base_url=url, api_key=PLAIN_KEY, max_retries=0, timeout=30.0
         ) as client:
+            give_up_at = time.monotonic() + TRAFFIC_SECONDS
             for n in range(MAX_REQUESTS_PER_CLIENT):
                 if self.stop.is_set():
                     return
+                if time.monotonic() > give_up_at:
+                    break
                 stream = (n + offset) % 2 == 1
                 try:
                     if stream:
@@ -178,6 +184,7 @@ class Traffic:
                     self.ok[gateway, stream] += 1
                     self.last_ok[gateway] = time.monotonic()
                 await asyncio.sleep(PAUSE)
+            self.failures.append(f"gateway {gateway}: traffic ran out before the test stopped it")
 
 
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
