@@ -81,10 +81,10 @@ from bench.common import (  # noqa: E402
     add_window_args,
     fmt_cpu,
     fmt_ms,
-    interrupts_raise,
     mark,
     percentile,
     resolve_window_args,
+    run_bench,
     table,
 )
 from tests.integration.test_auth_flow import connect  # noqa: E402
@@ -720,13 +720,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with interrupts_raise(), contextlib.ExitStack() as stack:
-        try:
-            run(args, stack)
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping every process started", file=sys.stderr)
-            return 130
-    return 0
+    return run_bench(lambda stack: run(args, stack))
 
 
 if __name__ == "__main__":

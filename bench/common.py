@@ -10,8 +10,9 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -164,3 +165,14 @@ def interrupts_raise() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def run_bench(run: Callable[[contextlib.ExitStack], None]) -> int:
+    """Runs a benchmark with every process it starts stopped on exit, Ctrl-C and SIGTERM."""
+    with interrupts_raise(), contextlib.ExitStack() as stack:
+        try:
+            run(stack)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping every process started", file=sys.stderr)
+            return 130
+    return 0
