@@ -319,14 +319,20 @@ def host_port(value: str) -> tuple[str, int]:
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def _parse_web(section: _Section) -> WebConfig:
-    listen = section.string("listen", "127.0.0.1:8081")
+def _listen(section: _Section, default: str) -> tuple[str, str, int]:
+    """``section.listen`` as given, and its host and port; an HTTP side binds there."""
+    listen = section.string("listen", default)
     try:
         host, port = host_port(listen)
     except ValueError:
         raise ConfigError(
             f"{section.key('listen')}: must be host:port (e.g. 0.0.0.0:8081), got {listen!r}"
         ) from None
+    return listen, host, port
+
+
+def _parse_web(section: _Section) -> WebConfig:
+    listen, host, port = _listen(section, "127.0.0.1:8081")
     public_url = section.optional_string("public_url")
     if public_url is not None:
         _check_url(section, "public_url", public_url)
@@ -714,7 +720,7 @@ def parse_gateway_config(
         routes=routes,
         auth=auth,
         prices=_parse_prices(root.table("prices")),
-        listen=gateway.string("listen", "127.0.0.1:8080"),
+        listen=_listen(gateway, "127.0.0.1:8080")[0],
         max_request_bytes=gateway.integer("max_request_bytes", 10 << 20, minimum=1024),
         max_event_bytes=gateway.integer("max_event_bytes", 1 << 20, minimum=1024),
         token_skew_seconds=gateway.number("token_skew_seconds", 30.0),

@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from keyrelay.config import GatewayConfig
+from keyrelay.config import GatewayConfig, host_port
 from keyrelay.gateway.http.app import GatewayApp
 from keyrelay.gateway.tokens import TokenClient, open_channel
 from keyrelay.logs import LineWriter
@@ -45,11 +45,11 @@ def build_app(
 
 
 def uvicorn_config(app: GatewayApp, listen: str) -> uvicorn.Config:
-    host, _, port = listen.rpartition(":")
+    host, port = host_port(listen)  # checked when the config was parsed
     return uvicorn.Config(
         app,
-        host=host.strip("[]") or "127.0.0.1",
-        port=int(port),
+        host=host,
+        port=port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
