@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, Final
 
 import orjson
@@ -27,25 +27,31 @@ def set_trace_ids(source: Callable[[], tuple[str, str] | None] | None) -> None:
     _trace_ids = source
 
 
-def _add_trace_ids(entry: dict[str, Any]) -> None:
+def _entry(
+    ts: float, level: str, logger: str, msg: str, fields: Iterable[tuple[str, Any]]
+) -> dict[str, Any]:
+    """One line's object: the fixed keys, the fields (not those starting with ``_``),
+    then the current trace and span ids when tracing is on."""
+    entry: dict[str, Any] = {"ts": round(ts, 3), "level": level, "logger": logger, "msg": msg}
+    for key, value in fields:
+        if not key.startswith("_"):
+            entry[key] = value
     if _trace_ids is not None:
         ids = _trace_ids()  # formatting runs where the record was logged: same context
         if ids is not None:
             entry["trace_id"], entry["span_id"] = ids
+    return entry
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
-        _add_trace_ids(entry)
+        entry = _entry(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            ((k, v) for k, v in vars(record).items() if k not in _RESERVED),
+        )
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             entry["exc"] = self.formatException(record.exc_info)
@@ -68,12 +74,7 @@ def json_line(logger: str, level: str, msg: str, fields: dict[str, Any]) -> byte
 
     ``fields`` must not use ``LogRecord`` attribute names (``extra=`` refuses
     them too); keys starting with ``_`` are left out, as there."""
-    entry: dict[str, Any] = {"ts": round(time.time(), 3), "level": level, "logger": logger}
-    entry["msg"] = msg
-    for key, value in fields.items():
-        if not key.startswith("_"):
-            entry[key] = value
-    _add_trace_ids(entry)
+    entry = _entry(time.time(), level, logger, msg, fields.items())
     try:
         return orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError
