@@ -457,6 +457,7 @@ class AuthService:
         self, account_id: str, owner: str, min_ttl: float, stale: int
     ) -> Token:
         lease_must_expire = False
+        lock_released = False  # by the fenced write itself
         renewer: asyncio.Task[None] | None = None
         try:
             record = await self._read(account_id)  # another holder may have just refreshed
@@ -502,11 +503,12 @@ class AuthService:
                 if err.kind is FailureKind.INVALID_GRANT:
                     return await self._grant_rejected(record, err)
                 return await self._refresh_failed(record, err)
-            return await self._store_fresh(record, tokens, fresh, owner)
+            token, lock_released = await self._store_fresh(record, tokens, fresh, owner)
+            return token
         finally:
             if renewer is not None:
                 renewer.cancel()
-            if not lease_must_expire:
+            if not lease_must_expire and not lock_released:
                 await self._release(account_id, owner)
 
     async def _renew_lease(self, account_id: str, owner: str) -> None:
@@ -538,12 +540,13 @@ class AuthService:
 
     async def _store_fresh(
         self, record: AccountRecord, old: StoredTokens, fresh: TokenSet, owner: str
-    ) -> Token:
+    ) -> tuple[Token, bool]:
+        """The token to serve, and whether the write released our lock."""
         # Keep the old refresh token when the provider does not rotate it.
         kept = StoredTokens(fresh.access_token, fresh.refresh_token or old.refresh_token)
         with store_errors():
-            # The write releases our lock too (the release in the caller is then
-            # a no-op): dying between the two would leave others waiting out the lease.
+            # A written refresh releases our lock in the same step: dying between
+            # two steps would leave the others waiting out the lease.
             generation = await self._store.store_refreshed(
                 record.account_id,
                 expected_generation=record.generation,
@@ -561,13 +564,13 @@ class AuthService:
                 extra={"account_id": record.account_id, "generation": record.generation},
             )
             current = await self._read(record.account_id)
-            return self._serve_or_fail(current, "fenced out by a newer refresh")
+            return self._serve_or_fail(current, "fenced out by a newer refresh"), False
         self._refresh_outcome(record.provider, "refreshed")
         metrics.event("REFRESHED")
         log.info(
             "token refreshed", extra={"account_id": record.account_id, "generation": generation}
         )
-        return Token(fresh.access_token, fresh.token_type, fresh.expires_at, generation)
+        return Token(fresh.access_token, fresh.token_type, fresh.expires_at, generation), True
 
     async def _grant_rejected(self, record: AccountRecord, err: TokenEndpointError) -> Token:
         reason = "invalid_grant: the provider no longer accepts this grant"
