@@ -136,28 +136,19 @@ def test_dev_stack_starts_reuses_secrets_and_stops(tmp_path: Path) -> None:
         assert stop(again) == 0
 
 
+def dev_once(state_dir: Path, **ports: int) -> subprocess.CompletedProcess[str]:
+    """``keyrelay dev`` expected to refuse to start; every port free unless given."""
+    args = [sys.executable, "-m", "keyrelay", "dev", "--state-dir", str(state_dir)]
+    for flag in ("auth_port", "gateway_port", "web_port"):
+        args += ["--" + flag.replace("_", "-"), str(ports.get(flag) or free_port())]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_dev_with_a_broken_providers_file_names_the_key(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / "providers.toml").write_text('[providers.x]\nauthorize_url = "ftp://nope"\n')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyrelay",
-            "dev",
-            "--state-dir",
-            str(state),
-            "--auth-port",
-            str(free_port()),
-            "--gateway-port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = dev_once(state)
     assert result.returncode == 1
     assert "providers.x." in result.stderr
     assert "Traceback" not in result.stderr
@@ -195,26 +186,7 @@ def test_dev_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "keyrelay",
-                "dev",
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--auth-port",
-                str(free_port()),
-                "--gateway-port",
-                str(port),
-                "--web-port",
-                str(free_port()),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = dev_once(tmp_path / "state", gateway_port=port)
     assert result.returncode == 1
     assert f"port {port} is in use" in result.stderr
     assert "--gateway-port" in result.stderr
