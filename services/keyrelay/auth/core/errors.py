@@ -1,8 +1,9 @@
 """Domain errors of the auth service.
 
-Every failure a caller can see is one of these; the gRPC layer maps each class
-to exactly one status code (``keyrelay.auth.rpc.errors``) and anything else to
-``INTERNAL`` without leaking its text::
+Every failure a caller can see is one of these; each transport maps each class
+to exactly one status through ``mapped`` (gRPC: ``keyrelay.auth.rpc.interceptors``,
+HTTP: ``keyrelay.auth.web.app``) and anything else to ``INTERNAL`` / 500 without
+leaking its text::
 
     AuthError
     ├── NotFound             -> NOT_FOUND           unknown flow, account, provider
@@ -17,6 +18,11 @@ wrong and what to do, and they never contain a token.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class AuthError(Exception):
@@ -45,3 +51,13 @@ class Unauthenticated(AuthError):
 
 class PermissionDenied(AuthError):
     pass
+
+
+def mapped(error: AuthError, table: Mapping[type[AuthError], T], default: T) -> T:
+    """``table``'s value for the nearest class of ``error`` (subclasses inherit), else ``default``.
+
+    The one lookup behind every transport's mapping (gRPC status, HTTP status)."""
+    for cls in type(error).__mro__:
+        if cls in table:
+            return table[cls]
+    return default

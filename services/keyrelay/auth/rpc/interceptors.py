@@ -31,6 +31,7 @@ from keyrelay.auth.core.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    mapped,
 )
 from keyrelay.config import Caller, Role
 from keyrelay.tracing import NOOP_TRACER, Tracer
@@ -57,10 +58,7 @@ Behaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Any]
 
 
 def status_of(error: AuthError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
+    return mapped(error, STATUS_OF, grpc.StatusCode.INTERNAL)
 
 
 def _wrap(

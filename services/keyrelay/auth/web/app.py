@@ -55,6 +55,7 @@ from keyrelay.auth.core.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    mapped,
 )
 from keyrelay.auth.rpc.interceptors import CallerAuthenticator
 from keyrelay.auth.service import AuthService
@@ -89,10 +90,7 @@ HTTP_STATUS: Mapping[type[AuthError], int] = {
 
 
 def http_status(error: AuthError) -> int:
-    for cls in type(error).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]
-    return 500
+    return mapped(error, HTTP_STATUS, 500)
 
 
 class PageError(Exception):
