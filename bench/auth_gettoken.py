@@ -45,12 +45,10 @@ import multiprocessing
 import os
 import platform
 import queue
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -86,6 +84,7 @@ from bench.common import (  # noqa: E402
     resolve_window_args,
     run_bench,
     table,
+    temp_dir,
 )
 from tests.integration.test_auth_flow import connect  # noqa: E402
 from tests.support.oidc import OidcServer  # noqa: E402
@@ -576,8 +575,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="keyrelay-bench-"))
-    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    tmp = temp_dir(stack, "keyrelay-bench-")
 
     print(
         f"keyrelay GetToken benchmark: {os.cpu_count()} cpu(s), Python "

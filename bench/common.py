@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -176,3 +178,10 @@ def run_bench(run: Callable[[contextlib.ExitStack], None]) -> int:
             print("\ninterrupted: stopping every process started", file=sys.stderr)
             return 130
     return 0
+
+
+def temp_dir(stack: contextlib.ExitStack, prefix: str) -> Path:
+    """A temporary directory removed when ``stack`` closes (Ctrl-C and SIGTERM too)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -58,11 +58,9 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -92,6 +90,7 @@ from bench.common import (  # noqa: E402
     resolve_window_args,
     run_bench,
     table,
+    temp_dir,
 )
 from bench.sse_core import build_stream  # noqa: E402
 from keyrelay.gateway.keys import key_hash, new_key  # noqa: E402
@@ -881,8 +880,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="keyrelay-bench-gw-"))
-    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    tmp = temp_dir(stack, "keyrelay-bench-gw-")
     print(
         f"keyrelay gateway benchmark: {os.cpu_count()} cpu(s), Python "
         f"{platform.python_version()}, uvicorn {uvicorn.__version__}, aiohttp "
