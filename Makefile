@@ -72,6 +72,7 @@ run: $(PROTO_OUT) ## Run the whole stack locally (Redis, auth service, gateway)
 bench: $(PROTO_OUT) $(STAMP_NODE) ## Run the benchmarks
 	$(BIN)/python bench/auth_gettoken.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/redis_read.py
 
 clean: ## Remove the virtualenv, node modules and generated code
 	rm -rf $(VENV) tests/oidc/node_modules services/keyrelay/auth/v1/*_pb2*
