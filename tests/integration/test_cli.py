@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from tests.support.stack import (
     ADMIN_TOKEN,
     ReplicaProcess,
     auth_config_data,
+    auth_env,
     write_replica_configs,
 )
 
@@ -167,18 +169,40 @@ def test_paste_of_garbage_reports_and_exits(replica: ReplicaProcess) -> None:
     assert "Traceback" not in err
 
 
-def test_auth_serve_with_a_bad_config_names_the_key(tmp_path: Path) -> None:
-    config = tmp_path / "bad.toml"
-    config.write_text('[auth]\nskew_seconds = "soon"\n')
-    env = {**os.environ, "KEYRELAY_ENCRYPTION_KEYS": ""}
-    result = subprocess.run(
+def auth_serve(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "keyrelay", "auth", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **env},
         timeout=60,
         check=False,
     )
+
+
+def test_auth_serve_with_a_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[auth]\nskew_seconds = "soon"\n')
+    result = auth_serve(config, {"KEYRELAY_ENCRYPTION_KEYS": ""})
     assert result.returncode == 1
     assert result.stderr.startswith("keyrelay: auth.")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("listen", ["taken", "no-such-host.invalid:50051"])
+def test_auth_serve_that_cannot_listen_names_the_key(
+    tmp_path: Path, redis_server: RedisServer, listen: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}" if listen == "taken" else listen
+        config = tmp_path / "auth.toml"
+        config.write_text(
+            f'[auth]\nlisten = "{address}"\nredis_url = "{redis_server.url}"\n'
+            '[[auth.callers]]\nrole = "admin"\ntoken = { env = "KR_ADMIN_TOKEN" }\n'
+        )
+        result = auth_serve(config, auth_env())
+    assert result.returncode == 1
+    assert f"keyrelay: auth.listen: cannot listen on '{address}'" in result.stderr
     assert "Traceback" not in result.stderr

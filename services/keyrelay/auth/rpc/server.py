@@ -22,7 +22,7 @@ from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from keyrelay.auth.web.app import WebServer, start_web
-from keyrelay.config import AuthConfig, TlsConfig
+from keyrelay.config import AuthConfig, ConfigError, TlsConfig
 from keyrelay.tracing import NOOP_TRACER, Tracer, create_tracer
 
 log = logging.getLogger("keyrelay.auth.server")
@@ -107,10 +107,18 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
         ),
         server,
     )
-    if config.tls is not None:
-        port = server.add_secure_port(config.listen, server_credentials(config.tls))
-    else:
-        port = server.add_insecure_port(config.listen)
+    try:
+        if config.tls is not None:
+            port = server.add_secure_port(config.listen, server_credentials(config.tls))
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError:  # grpc's "Failed to bind to address …"
+        await client.aclose()
+        await store.close()
+        raise ConfigError(
+            f"auth.listen: cannot listen on {config.listen!r} (not an address of this "
+            "machine, or the port is in use)"
+        ) from None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
