@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from grpc import aio
 
 from keyrelay.auth.v1 import auth_pb2
@@ -29,12 +28,13 @@ from keyrelay.tracing import TRACE_HEADERS, Tracer
 
 if TYPE_CHECKING:
     from keyrelay.gateway.http.app import Outcome
+    from keyrelay.gateway.http.upstream import UpstreamResponse
 
 GetToken = Callable[..., Awaitable[auth_pb2.GetTokenResponse]]
 Proxy = Callable[[MutableMapping[str, Any], Any, Any, str], Awaitable[None]]
 Post = Callable[
     [UpstreamConfig, str, Sequence[tuple[str, str]], Sequence[tuple[str, str]], bytes],
-    Awaitable[aiohttp.ClientResponse],
+    Awaitable["UpstreamResponse"],
 ]
 
 
@@ -86,7 +86,7 @@ def traced_post(tracer: Tracer, post: Post, *, propagate: bool) -> Post:
         headers: Sequence[tuple[str, str]],
         query: Sequence[tuple[str, str]],
         body: bytes,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         with tracer.client_span(
             f"upstream POST {path}",
             {

@@ -25,14 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keyrelay.config import GatewayConfig, Route
@@ -57,7 +56,7 @@ from keyrelay.gateway.core.request_transform import (
 from keyrelay.gateway.core.response_transform import StreamTransformer, inspect_response_json
 from keyrelay.gateway.core.usage import Billing, Usage
 from keyrelay.gateway.http.metrics import GatewayMetrics
-from keyrelay.gateway.http.upstream import Upstreams, chunks, read_all, release
+from keyrelay.gateway.http.upstream import UpstreamResponse, Upstreams
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.tokens import TokenClient, TokenError
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
@@ -77,8 +76,9 @@ COUNT_TOKENS: Final = "/v1/messages/count_tokens"
 # Response headers the gateway sets or that only describe the upstream hop.
 _DROPPED_RESPONSE_HEADERS: Final = frozenset(
     {
-        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-        "date", "server", "proxy-connection", "upgrade", "trailer", "te",
+        b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
+        b"content-encoding", b"date", b"server", b"proxy-connection", b"upgrade", b"trailer",
+        b"te",
     }
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
@@ -160,6 +160,12 @@ class GatewayApp:
             else self.upstreams.post
         )
         self._watch: asyncio.Task[None] | None = None
+        # Request ids need to be unique, not secret: a PRNG seeded from the OS
+        # (a getrandom syscall per request otherwise).
+        self._request_ids = random.Random()  # noqa: S311 -- unique ids, not secrets
+        # The serving loop, set at startup: asyncio.create_task() and current_task()
+        # look it up with a getpid syscall each on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # The routes of the valid keys seen so far: SHA-256 once per key, not per request.
         # (The process holds upstream keys and tokens anyway; these are no more secret.)
         self._known_keys: dict[str, Route] = {}
@@ -184,6 +190,7 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.upstreams.start()
         if self._token_client is not None:
             self.tokens = self._token_client()
@@ -236,7 +243,7 @@ class GatewayApp:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         started = time.perf_counter()
-        request_id = "req_kr_" + secrets.token_hex(12)
+        request_id = f"req_kr_{self._request_ids.getrandbits(96):024x}"
         outcome = Outcome()
         watcher: asyncio.Task[None] | None = None
         try:
@@ -245,8 +252,9 @@ class GatewayApp:
             raw = await self._read_body(receive, headers)
             # From here on the client can only go away: watch for it, so a
             # stream to a vanished client is cancelled instead of read to the end.
-            watcher = asyncio.create_task(
-                _cancel_on_disconnect(receive, asyncio.current_task(), outcome)
+            loop = self._loop or asyncio.get_running_loop()
+            watcher = loop.create_task(
+                _cancel_on_disconnect(receive, asyncio.current_task(loop), outcome)
             )
             await self._forward(scope, send, path, route, raw, request_id, outcome)
         except GatewayError as error:
@@ -371,7 +379,7 @@ class GatewayApp:
         response = await self._post(route.upstream, path, request.headers, request.query, payload)
         if response.status == 401 and credential.oauth and route.account is not None:
             # The token was refused: get a newer generation and try once more.
-            await release(response)
+            response.release()
             assert self.tokens is not None
             try:
                 token = await self.tokens.rejected(route.account, credential.generation)
@@ -393,12 +401,11 @@ class GatewayApp:
         )
         try:
             headers = _response_headers(response, request_id)
-            content_type = response.headers.get("content-type", "")
-            if content_type.startswith("text/event-stream"):
+            if response.content_type.startswith(b"text/event-stream"):
                 outcome.stream = True
                 await self._stream(send, response, route, request.tool_names, headers, outcome)
             else:
-                data = await read_all(response, route.upstream)
+                data = await response.read_all()
                 inspected = inspect_response_json(data, request.tool_names)
                 outcome.usage = inspected.usage
                 outcome.model = inspected.model or model
@@ -406,12 +413,12 @@ class GatewayApp:
                 await _respond(send, response.status, inspected.body, headers)
             outcome.finished = True
         finally:
-            await release(response)
+            response.release()
 
     async def _stream(
         self,
         send: Send,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         route: Route,
         tool_names: Any,
         headers: list[tuple[bytes, bytes]],
@@ -421,7 +428,7 @@ class GatewayApp:
         outcome.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         try:
-            async for chunk in chunks(response, route.upstream):
+            async for chunk in response.chunks():
                 out = transformer.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -516,14 +523,8 @@ def _query(scope: Scope) -> list[tuple[str, str]]:
     return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
 
 
-def _response_headers(
-    response: aiohttp.ClientResponse, request_id: str
-) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in response.headers.items()
-        if name.lower() not in _DROPPED_RESPONSE_HEADERS
-    ]
+def _response_headers(response: UpstreamResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+    headers = [h for h in response.headers if h[0] not in _DROPPED_RESPONSE_HEADERS]
     headers.append((b"x-keyrelay-request-id", request_id.encode()))
     return headers
 
