@@ -153,6 +153,7 @@ def test_strip_and_set_headers() -> None:
         {"set_headers": (("host", "h"),)},
         {"set_headers": (("bad name", "v"),)},
         {"set_headers": (("x-ok", "a\r\nb"),)},
+        {"set_headers": (("x-ok", "caf\u00e9 \u2603"),)},  # beyond latin-1
         {"strip_headers": ("",)},
         {"betas": ("a,b",)},
         {"betas": ("",)},

@@ -100,7 +100,8 @@ BETA_HEADER = "anthropic-beta"
 
 # A header name is an RFC 9110 token; a value has no CR, LF or NUL.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
-_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
+# CR/LF would split the header; beyond latin-1 it cannot go on the wire as HTTP/1.1 octets.
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]|[^\x00-\xff]")
 
 
 class RequestShapeError(ValueError):
@@ -115,7 +116,9 @@ def _check_header_name(name: object, where: str) -> str:
 
 def _check_header_value(value: object, where: str) -> str:
     if not isinstance(value, str) or _BAD_HEADER_VALUE.search(value):
-        raise ValueError(f"{where}: header values must be strings without CR, LF or NUL")
+        raise ValueError(
+            f"{where}: header values must be latin-1 strings without CR, LF or NUL"
+        )
     return value
 
 
