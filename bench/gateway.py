@@ -17,7 +17,10 @@ Everything runs on 127.0.0.1 in one invocation, each part in its own process:
   printed in brackets beside each target);
 - a load generator in separate process(es) (``--load-procs``; aiohttp client on
   uvloop, closed loop of in-flight requests), each scenario a warm-up and then
-  a measurement window (``--seconds``).
+  a measurement window (``--seconds``), split into ``--rounds`` rounds in which
+  the paths take turns (direct, floor, gw plain, gw tools, direct, ...): on a
+  shared machine whose speed drifts over a minute, every path then sees the
+  same mix of fast and slow moments; a path's rounds are summed into its row.
 
 It measures, direct to the upstream and through each gateway route:
 
@@ -53,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import multiprocessing
@@ -63,7 +67,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -569,6 +573,7 @@ class Bench:
     def measure(
         self, path: Target, *, stream: bool, concurrency: int, client: str = "lines"
     ) -> Result:
+        rounds = self.args.rounds
         spec = LoadSpec(
             url=path.url + "/v1/messages",
             headers=path.headers,
@@ -576,8 +581,8 @@ class Bench:
             stream=stream,
             stream_client=client,
             concurrency=concurrency,
-            warmup=self.args.warmup,
-            window=self.args.seconds,
+            warmup=self.args.warmup / rounds,
+            window=self.args.seconds / rounds,
         )
         meters = {
             "gateway": CpuMeter([(path.proxy or self.gateway).pid]),
@@ -608,7 +613,7 @@ class Bench:
             stream=stream,
             client=client,
             concurrency=concurrency,
-            window=self.args.seconds,
+            window=spec.window,
             completed=sum(int(r[2]) for r in replies),
             errors=sum(int(r[3]) for r in replies),
             latencies=latencies,
@@ -617,6 +622,46 @@ class Bench:
             gateway_cpu_s=meters["gateway"].seconds,
             meters=readings,
         )
+
+
+def merged(rounds: Sequence[Result]) -> Result:
+    """One path's rounds of one scenario as one result: counts and CPU summed,
+    latencies pooled, meters averaged over the windows."""
+    first = rounds[0]
+    window = sum(r.window for r in rounds)
+    cpu = [r.gateway_cpu_s for r in rounds]
+    meters: dict[str, float | None] = {}
+    for name in first.meters:
+        readings = [r.meters.get(name) for r in rounds]
+        meters[name] = (
+            None
+            if any(v is None for v in readings)
+            else sum(v * r.window for v, r in zip(readings, rounds, strict=True) if v is not None)
+            / window
+        )
+    return dataclasses.replace(
+        first,
+        window=window,
+        completed=sum(r.completed for r in rounds),
+        errors=sum(r.errors for r in rounds),
+        latencies=[latency for r in rounds for latency in r.latencies],
+        received=sum(r.received for r in rounds),
+        events=sum(r.events for r in rounds),
+        gateway_cpu_s=None if any(c is None for c in cpu) else sum(c or 0.0 for c in cpu),
+        meters=meters,
+    )
+
+
+def interleaved(
+    paths: Sequence[Target], rounds: int, measure: Callable[[Target], Result]
+) -> list[Result]:
+    """Each path measured ``rounds`` times, the paths taking turns: a machine that
+    gets slower or faster during the run (a shared host) shifts every path alike."""
+    per_path: list[list[Result]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for index, path in enumerate(paths):
+            per_path[index].append(measure(path))
+    return [merged(results) for results in per_path]
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -858,6 +903,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_window_args(parser, quick_help="smoke run: 0.5 s windows")
     parser.add_argument("--load-procs", type=int, default=1, help="load-generator processes (1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="each scenario's window (and warm-up) split into this many rounds, the paths "
+        "taking turns, so that drift of a shared machine hits every path alike (3; --quick 1)",
+    )
     parser.add_argument("--stream-concurrency", type=int, default=4, help="in-flight streams (4)")
     parser.add_argument(
         "--stream-chunk",
@@ -874,6 +926,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     resolve_window_args(parser, args)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.load_procs < 1 or args.stream_concurrency < 1 or args.stream_chunk < 0:
         parser.error("--load-procs and --stream-concurrency must be >= 1, --stream-chunk >= 0")
     return args
@@ -909,25 +965,33 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     requests: list[Result] = []
     for concurrency in (1, HIGH_CONCURRENCY):
-        for path in paths:
-            requests.append(bench.measure(path, stream=False, concurrency=concurrency))
-            r = requests[-1]
+        measured = interleaved(
+            paths,
+            args.rounds,
+            functools.partial(bench.measure, stream=False, concurrency=concurrency),
+        )
+        requests += measured
+        for r in measured:
             print(
-                f"  non-stream, concurrency {concurrency}, {path.label}: {r.rate:.0f} req/s, "
+                f"  non-stream, concurrency {concurrency}, {r.path.label}: {r.rate:.0f} req/s, "
                 f"p50 {fmt_ms(r.p(50))} ms",
                 flush=True,
             )
     streams: list[Result] = []
     clients = ("lines", "chunks") if args.stream_client == "both" else (args.stream_client,)
     for client in clients:
-        for path in paths:
-            streams.append(
-                bench.measure(path, stream=True, concurrency=args.stream_concurrency, client=client)
-            )
-            r = streams[-1]
+        measured = interleaved(
+            paths,
+            args.rounds,
+            functools.partial(
+                bench.measure, stream=True, concurrency=args.stream_concurrency, client=client
+            ),
+        )
+        streams += measured
+        for r in measured:
             print(
                 f"  stream, concurrency {args.stream_concurrency}, client reading {client}, "
-                f"{path.label}: {r.events / r.window:.0f} events/s",
+                f"{r.path.label}: {r.events / r.window:.0f} events/s",
                 flush=True,
             )
 

@@ -647,3 +647,39 @@ def test_encoded_streams_decode_under_any_chunking(
     assert [(e.event, e.data) for e in events] == [
         (name, re.sub(r"\r\n|\r", "\n", data)) for name, data in items
     ]
+
+
+# LF-only streams take feed_span's own path (no CR anywhere): cut anywhere, with a
+# limit or none, it must give what feed_raw gives.
+lf_streams = st.one_of(
+    sse_streams().map(lambda b: b.replace(b"\r\n", b"\n").replace(b"\r", b"\n")),
+    st.lists(st.sampled_from([b"\n", b"\n\n", b"data: x", b"event: e", b":", b"\xe2\x82"]),
+             max_size=40).map(b"".join),
+)  # fmt: skip
+
+
+def _blocks_until_error(chunks: list[bytes], limit: int, *, span: bool) -> tuple[bytes, bool]:
+    decoder = SSEDecoder(limit)
+    out: list[bytes] = []
+    try:
+        for chunk in chunks:
+            out.append(decoder.feed_span(chunk) if span else b"".join(decoder.feed_raw(chunk)))
+        out += decoder.close_raw()
+    except EventTooLarge as exc:
+        return b"".join([*out, *exc.complete]), True
+    return b"".join(out), False
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lf_streams,
+    st.lists(st.integers(0, 200), max_size=12),
+    st.one_of(st.just(1 << 20), st.integers(1, 30)),
+)
+def test_feed_span_on_lf_streams_agrees_with_feed_raw(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    chunks = chunked(data, cuts)
+    expected = _blocks_until_error(chunks, limit, span=False)
+    assert _blocks_until_error(chunks, limit, span=True) == expected
+    assert _blocks_until_error(one_byte_chunks(data), limit, span=True) == expected

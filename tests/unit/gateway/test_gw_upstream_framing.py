@@ -122,7 +122,7 @@ def test_content_length_body_is_the_same_under_any_cuts(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    parts=payloads.filter(lambda p: any(p)),
+    parts=payloads.filter(any),
     cut_at=st.floats(min_value=0.0, max_value=0.999),
     cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=20),
 )
@@ -131,7 +131,7 @@ def test_an_answer_cut_short_is_an_error_never_a_shorter_body(
 ) -> None:
     data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(parts)
     truncated = data[: int(len(data) * cut_at)]
-    response, connection, transport = feed(loop, truncated, cuts)
+    response, connection, _ = feed(loop, truncated, cuts)
     assert not response._complete
     connection.connection_lost(None)  # the upstream went away
     assert response._error is not None

@@ -116,9 +116,7 @@ def _check_header_name(name: object, where: str) -> str:
 
 def _check_header_value(value: object, where: str) -> str:
     if not isinstance(value, str) or _BAD_HEADER_VALUE.search(value):
-        raise ValueError(
-            f"{where}: header values must be latin-1 strings without CR, LF or NUL"
-        )
+        raise ValueError(f"{where}: header values must be latin-1 strings without CR, LF or NUL")
     return value
 
 

@@ -208,10 +208,10 @@ class StreamTransformer:
                 return self._forward(split_blocks(span))
         # Every event that needs reading has one of the needles in its bytes
         # (its event name), so a span without any is forwarded unread.
-        for needle in self._needles:
-            if needle in span:
-                return self._process_span(span)
-        return span
+        found = [span.find(needle) for needle in self._needles]
+        if max(found) < 0:
+            return span
+        return self._process_span(span, found)
 
     def close(self) -> bytes:
         """End of the upstream stream: a last event without its blank line, if any."""
@@ -240,26 +240,28 @@ class StreamTransformer:
                         )
         return self._process(blocks)
 
-    def _process_span(self, span: bytes) -> bytes:
+    def _process_span(self, span: bytes, found: list[int]) -> bytes:
         """``_process(split_blocks(span))``, looking only at the blocks with a needle.
+
+        ``found``: each needle's first offset in ``span`` (-1: none).
 
         A span can hold thousands of events (one read of a fast upstream) of which
         one or two need reading. With LF line ends (no CR anywhere in the span),
         every ``\n\n`` ends a block, so the block around a needle is found with
         two searches and everything between such blocks is forwarded as it is;
-        a span with a CR is cut into all of its blocks instead.
+        a span with a CR is cut into all of its blocks instead. Each needle's
+        next offset is kept, and searched again only once passed: the span is
+        read once per needle, not once per block found.
         """
         if b"\r" in span:
             return self._process(split_blocks(span))
         needles = self._needles
-        out: list[bytes] = []
+        # Slices of a view copy nothing: the one copy is the final join.
+        view = memoryview(span)
+        out: list[bytes | memoryview] = []
         pos = 0
         while True:
-            hit = -1
-            for needle in needles:
-                at = span.find(needle, pos)
-                if at >= 0 and (hit < 0 or at < hit):
-                    hit = at
+            hit = min((at for at in found if at >= 0), default=-1)
             if hit < 0:
                 break
             start = span.rfind(b"\n\n", pos, hit)
@@ -267,12 +269,15 @@ class StreamTransformer:
             end = span.find(b"\n\n", hit)
             end = len(span) if end < 0 else end + 2
             if start > pos:
-                out.append(span[pos:start])
+                out.append(view[pos:start])
             out.append(self._process([span[start:end]]))
             pos = end
+            for i, at in enumerate(found):
+                if 0 <= at < pos:
+                    found[i] = span.find(needles[i], pos)
         if pos == 0:
             return span
-        out.append(span[pos:])
+        out.append(view[pos:])
         return b"".join(out)
 
     def _process(self, blocks: list[bytes]) -> bytes:

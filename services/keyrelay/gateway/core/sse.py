@@ -197,6 +197,15 @@ class SSEDecoder:
         nothing in the span forwards it at the cost of a few searches per
         chunk. Cut a span into blocks with ``split_blocks``.
         """
+        if (
+            not self._held
+            and _CR not in data
+            and self._last != b"\r"
+            and not self._failed
+            and not self._closed
+            and data
+        ):
+            return self._feed_lf_span(data)
         buf = self._take(data)
         if buf is None:
             return b""
@@ -231,6 +240,39 @@ class SSEDecoder:
             if len(pending) > self._max:
                 self._fail(split_blocks(span))
             self._held = held
+        return span
+
+    def _feed_lf_span(self, data: bytes) -> bytes:
+        """``feed_span`` for data without a CR after a byte that is not one (the
+        common case): only a ``\n\n`` ends a block, and no copy of ``data`` is
+        made to find one that straddles the previous chunk."""
+        last = data.rfind(b"\n\n")
+        if last >= 0:
+            end = last + 2
+        elif data[0] == _LF and self._last == b"\n":
+            end = 1  # the blank line's first LF ended the previous chunk
+        else:
+            end = 0
+        self._last = data[-1:]
+        pending = self._pending
+        if not end:  # no block ends in data
+            pending += data
+            if len(pending) > self._max:
+                self._fail([])
+            return b""
+        whole = end == len(data)
+        if pending:
+            pending += data if whole else memoryview(data)[:end]
+            span = bytes(pending)
+            pending.clear()
+        else:
+            span = data if whole else data[:end]
+        if len(span) > self._max:
+            self._check_blocks(span)
+        if not whole:
+            pending += memoryview(data)[end:]
+            if len(pending) > self._max:
+                self._fail(split_blocks(span))
         return span
 
     def _take(self, data: bytes) -> bytes | None:
