@@ -14,7 +14,9 @@ Everything runs on 127.0.0.1 in one invocation, each part in its own process:
   own stack (uvicorn + aiohttp, no keys, transforms, usage, metrics or logs),
   measured like a route, so that what the gateway adds above its frameworks
   can be told apart from the frameworks and the machine (its values are
-  printed in brackets beside each target);
+  printed in brackets beside each target); and ``floor kr``, the same bare
+  proxy on keyrelay's own upstream client instead of aiohttp's: the two side
+  by side are the measurement behind the gateway's choice of client;
 - a load generator in separate process(es) (``--load-procs``; aiohttp client on
   uvloop, closed loop of in-flight requests), each scenario a warm-up and then
   a measurement window (``--seconds``), split into ``--rounds`` rounds in which
@@ -108,7 +110,8 @@ EVENTS = 2000
 API_KEY_ENV = "KR_BENCH_UPSTREAM_KEY"
 TOOL_PREFIX = "mcp_"
 HIGH_CONCURRENCY = 32
-FLOOR = "floor"  # the label of bench/floor_proxy.py's path
+FLOOR = "floor"  # the label of bench/floor_proxy.py's path (uvicorn + aiohttp's client)
+FLOOR_KEYRELAY = "floor kr"  # the same proxy on keyrelay's own upstream client
 
 ADDED_P50_TARGET_MS = 0.5  # at concurrency 1
 PER_CORE_TARGET = 3000.0  # non-stream requests/s per gateway core at concurrency 32
@@ -433,15 +436,18 @@ def start_gateway(
     return gateway, wait_serving(gateway, port)
 
 
-def start_floor(stack: contextlib.ExitStack, tmp: Path, upstream_url: str) -> tuple[Service, str]:
-    """``bench/floor_proxy.py``: the gateway's stack (uvicorn + aiohttp) doing nothing else."""
+def start_floor(
+    stack: contextlib.ExitStack, tmp: Path, upstream_url: str, client: str
+) -> tuple[Service, str]:
+    """``bench/floor_proxy.py``: uvicorn and an upstream client (``aiohttp`` or
+    ``keyrelay``) doing nothing else."""
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor_proxy", "--upstream", upstream_url]
     floor = _spawn(
         stack,
-        "floor proxy",
-        [*argv, "--port", str(port)],
-        tmp / "floor.log",
+        f"floor proxy ({client})",
+        [*argv, "--port", str(port), "--client", client],
+        tmp / f"floor-{client}.log",
         stdout=subprocess.DEVNULL,
     )
     return floor, wait_serving(floor, port)
@@ -472,7 +478,7 @@ def wait_serving(service: Service, port: int) -> str:
 class Target:
     """Where the load goes: straight to the upstream, or through a proxy process."""
 
-    label: str  # "direct", "floor", "gw plain", "gw tools"
+    label: str  # "direct", "floor", "floor kr", "gw plain", "gw tools"
     url: str
     headers: tuple[tuple[str, str], ...]
     proxy: Service | None = None  # the process in between, whose CPU is measured
@@ -517,7 +523,7 @@ async def preflight(paths: Sequence[Target]) -> None:
                     names = [b["name"] for b in json.loads(data)["content"] if "name" in b]
                     if names != [expected]:
                         raise RuntimeError(f"{path.label}: tool names {names}, not [{expected}]")
-    for label in ("gw plain", FLOOR):
+    for label in ("gw plain", FLOOR, FLOOR_KEYRELAY):
         if streams.get(label) != streams.get("direct"):
             raise RuntimeError(f"{label} did not forward the stream byte-for-byte")
 
@@ -793,6 +799,39 @@ def floor_event_us(result: Result, results: Sequence[Result]) -> float | None:
     return floor.cpu_us(floor.events) if floor else None
 
 
+def print_client_choice(requests: Sequence[Result], streams: Sequence[Result]) -> None:
+    """The two floors side by side: the measurement behind the gateway's upstream client."""
+    print(
+        f"\nUpstream client (the bare proxy's CPU, same run): {FLOOR_KEYRELAY} = keyrelay's "
+        f"client, {FLOOR} = aiohttp's"
+    )
+    for results, unit in ((requests, "request"), (streams, "event")):
+        for r in results:
+            if r.path.label != FLOOR:
+                continue
+            ours = next(
+                (
+                    o
+                    for o in results
+                    if o.path.label == FLOOR_KEYRELAY
+                    and (o.concurrency, o.client) == (r.concurrency, r.client)
+                ),
+                None,
+            )
+            if ours is None:
+                continue
+            if unit == "event":
+                theirs_us, ours_us = r.cpu_us(r.events), ours.cpu_us(ours.events)
+            else:
+                theirs_us, ours_us = r.cpu_us(r.completed), ours.cpu_us(ours.completed)
+            what = f"stream, client reading {r.client}" if r.stream else "non-stream"
+            x = ratio(ours_us, theirs_us) if ours_us and theirs_us else None
+            print(
+                f"  {what}, c={r.concurrency}: {fmt(ours_us, 2)} vs {fmt(theirs_us, 2)} us "
+                f"per {unit} ({fmt(x, 2, 'x')})"
+            )
+
+
 def print_targets(
     requests: Sequence[Result], streams: Sequence[Result], gateway_labels: Sequence[str]
 ) -> None:
@@ -949,10 +988,12 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     upstream, upstream_url = start_upstream(stack, tmp, args.stream_chunk)
     routes = [Route("plain", new_key()), Route("tools", new_key())]
     gateway, gateway_url = start_gateway(stack, tmp, upstream_url, routes)
-    floor, floor_url = start_floor(stack, tmp, upstream_url)
+    floor, floor_url = start_floor(stack, tmp, upstream_url, "aiohttp")
+    floor_kr, floor_kr_url = start_floor(stack, tmp, upstream_url, "keyrelay")
     paths = [
         Target("direct", upstream_url, client_headers(None)),
         Target(FLOOR, floor_url, client_headers(None), floor),
+        Target(FLOOR_KEYRELAY, floor_kr_url, client_headers(None), floor_kr),
     ]
     paths += [Target(f"gw {r.label}", gateway_url, client_headers(r.key), gateway) for r in routes]
     asyncio.run(preflight(paths))
@@ -1011,6 +1052,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         "nearly free, so the gateway sets the pace):"
     )
     print_streams(streams, args.load_procs)
+    print_client_choice(requests, streams)
     print_targets(requests, streams, [p.label for p in paths if p.proxy is gateway])
     print_notes(requests + streams, args.load_procs)
 

@@ -41,7 +41,7 @@ def test_bench_gateway_smoke_run_prints_every_row(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "preflight: every path answers" in out
-    for label in ("direct", "gw plain", "gw tools"):
+    for label in ("direct", "floor", "floor kr", "gw plain", "gw tools"):
         # one non-stream row per concurrency and one stream row per path
         rows = [line for line in out.splitlines() if re.search(rf"\s{label}\s", line)]
         assert len(rows) >= 3, (label, out)
@@ -52,4 +52,7 @@ def test_bench_gateway_smoke_run_prints_every_row(tmp_path: Path) -> None:
         "gateway CPU per untouched SSE event",
     ):
         assert re.search(rf"\[(PASS|MISS)\] gw plain: .*{re.escape(target)}", out), target
+    # The two bare proxies side by side: the measurement behind the upstream client.
+    assert re.search(r"non-stream, c=32: [0-9.]+ vs [0-9.]+ us per request", out), out
+    assert re.search(r"stream, client reading chunks, c=4: [0-9.]+ vs [0-9.]+ us per event", out)
     assert list(tmp_path.iterdir()) == []  # its temporary directory is gone
