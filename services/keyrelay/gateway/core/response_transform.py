@@ -256,9 +256,9 @@ class StreamTransformer:
         if b"\r" in span:
             return self._process(split_blocks(span))
         needles = self._needles
-        # Slices of a view copy nothing: the one copy is the final join.
-        view = memoryview(span)
-        out: list[bytes | memoryview] = []
+        # (start, end, replacement) of the blocks rewritten: usually none (reading
+        # usage changes nothing), and then the span goes out as it came, uncopied.
+        rewrites: list[tuple[int, int, bytes]] = []
         pos = 0
         while True:
             hit = min((at for at in found if at >= 0), default=-1)
@@ -268,36 +268,46 @@ class StreamTransformer:
             start = pos if start < 0 else start + 2
             end = span.find(b"\n\n", hit)
             end = len(span) if end < 0 else end + 2
-            if start > pos:
-                out.append(view[pos:start])
-            out.append(self._process([span[start:end]]))
+            new = self._inspect(span[start:end])
+            if new is not None:
+                rewrites.append((start, end, new))
             pos = end
             for i, at in enumerate(found):
                 if 0 <= at < pos:
                     found[i] = span.find(needles[i], pos)
-        if pos == 0:
+        if not rewrites:
             return span
+        view = memoryview(span)  # slices of a view copy nothing: the join is the one copy
+        out: list[bytes | memoryview] = []
+        pos = 0
+        for start, end, new in rewrites:
+            out += (view[pos:start], new)
+            pos = end
         out.append(view[pos:])
         return b"".join(out)
 
     def _process(self, blocks: list[bytes]) -> bytes:
         """Forward blocks, reading and rewriting the few events that need it."""
-        tool_names = self._tool_names
         rewritten: list[bytes] | None = None
         for i, raw in enumerate(blocks):
-            name = event_type(raw)
-            if name is None:
-                continue
-            if name == _CONTENT_BLOCK_START:
-                if tool_names is not None:
-                    new = self._rename(raw, tool_names)
-                    if new is not raw:
-                        if rewritten is None:
-                            rewritten = list(blocks)
-                        rewritten[i] = new
-            elif name in (_MESSAGE_DELTA, _MESSAGE_START):
-                self._read_usage(raw)
+            new = self._inspect(raw)
+            if new is not None:
+                if rewritten is None:
+                    rewritten = list(blocks)
+                rewritten[i] = new
         return b"".join(blocks if rewritten is None else rewritten)
+
+    def _inspect(self, raw: bytes) -> bytes | None:
+        """Read one block: its replacement, or ``None`` when it goes out unchanged."""
+        name = event_type(raw)
+        if name == _CONTENT_BLOCK_START:
+            if self._tool_names is not None:
+                new = self._rename(raw, self._tool_names)
+                if new is not raw:
+                    return new
+        elif name in (_MESSAGE_DELTA, _MESSAGE_START):
+            self._read_usage(raw)
+        return None
 
     def _read_usage(self, raw: bytes) -> None:
         data = parse_event(raw).data
