@@ -16,7 +16,13 @@ from typing import Any, BinaryIO, Final
 
 import orjson
 
-_RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn adds ``color_message`` (the message with ANSI colour codes) for its own
+# terminal formatter: in a JSON line it is noise.
+_RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 # Set once when tracing is enabled (keyrelay.otel): the current trace and span id.
 _trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
@@ -55,9 +61,10 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(entry, default=str, separators=_COMPACT)
 
 
+_COMPACT: Final = (",", ":")  # the spacing of json_line's orjson output
 # Values orjson would write its own way go to ``default=str``, as in JsonFormatter.
 _ORJSON_OPTIONS: Final = (
     orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
@@ -78,7 +85,8 @@ def json_line(logger: str, level: str, msg: str, fields: dict[str, Any]) -> byte
     try:
         return orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError
-        return (json.dumps(entry, default=str) + "\n").encode("ascii")  # ensure_ascii: ASCII
+        line = json.dumps(entry, default=str, separators=_COMPACT) + "\n"
+        return line.encode("ascii")  # ensure_ascii: ASCII
 
 
 class LineWriter:

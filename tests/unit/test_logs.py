@@ -207,6 +207,26 @@ def test_json_line_is_the_formatters_line() -> None:
     assert list(fast)[:4] == ["ts", "level", "logger", "msg"]
 
 
+def test_formatter_spacing_matches_json_line_for_ascii_lines() -> None:
+    fields = {"request_id": "req_kr_1", "status": 200, "usage": {"input": 3}}
+    line = json_line("keyrelay.x", "info", "request", fields)
+    record = logging.getLogger("keyrelay.x").makeRecord(
+        "keyrelay.x", logging.INFO, "", 0, "request", (), None, extra=fields
+    )
+    record.created = json.loads(line)["ts"]
+    assert JsonFormatter().format(record).encode() + b"\n" == line
+
+
+def test_uvicorns_colour_copy_of_the_message_is_left_out() -> None:
+    record = logging.getLogger("uvicorn.error").makeRecord(
+        "uvicorn.error", logging.INFO, "", 0, "Started server process [%d]", (7,), None,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )  # fmt: skip
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "Started server process [7]"
+    assert "color_message" not in entry
+
+
 def test_json_line_falls_back_to_the_stdlib_for_what_orjson_refuses() -> None:
     fields = {"big": 2**70, "text": "\ud800"}
     line = json_line("keyrelay.test", "info", "m", fields)
