@@ -645,3 +645,18 @@ async def test_https_upstream_with_an_untrusted_certificate_is_unreachable(
     assert "SSLCertVerificationError" in caught.value.message
     assert server.requests == []
     assert upstreams.open_connections("up") == 0
+
+
+async def test_a_connection_that_closes_on_its_way_to_a_waiter_is_not_used(make: Make) -> None:
+    server, upstreams = await make(json_answer(), max_connections=1)
+    pool = upstreams._pools["up"]
+    assert (await read(upstreams))[0] == 200
+    connection = pool._idle_connection()  # taken, as a request takes it: the one slot is used
+    assert connection is not None
+    waiting = asyncio.create_task(read(upstreams))
+    await settle(lambda: len(pool.waiters) == 1)
+    pool.put(connection)  # handed to the waiter ...
+    connection.close()  # ... and closed (the upstream's FIN) before the waiter runs
+    assert (await waiting)[0] == 200  # on a new connection, not a failed request
+    assert server.connections == 2
+    assert upstreams.open_connections("up") == 1

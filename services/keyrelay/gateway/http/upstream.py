@@ -377,6 +377,12 @@ class _Connection(asyncio.Protocol):
             return
         response._data(data)
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not already closing (the upstream's FIN can arrive before
+        ``connection_lost``)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
 
@@ -442,10 +448,14 @@ class _Pool:
         response = UpstreamResponse(self, connection)
         connection.response = response
         assert connection.transport is not None
-        if len(body) < 16384:
-            connection.transport.write(head + body)
-        else:
-            connection.transport.writelines((head, body))
+        try:
+            if len(body) < 16384:
+                connection.transport.write(head + body)
+            else:
+                connection.transport.writelines((head, body))
+        except (RuntimeError, OSError) as exc:  # closed under us (uvloop raises)
+            response.release()
+            raise _unreachable(self.name, type(exc).__name__) from None
         response._start_timer()
         try:
             await response._headers()
@@ -482,17 +492,25 @@ class _Pool:
         except UnicodeEncodeError:
             raise ValueError("an upstream request header is not latin-1 text") from None
 
-    async def _acquire(self) -> _Connection:
+    def _idle_connection(self) -> _Connection | None:
         now = self.loop.time()
         while self.idle:
             connection = self.idle.pop()
-            if connection.closed:
+            if not connection.usable:
                 continue
             if now - connection.idle_since > IDLE_SECONDS:
                 connection.close()
                 continue
             return connection
-        if self.open >= self.limit:
+        return None
+
+    async def _acquire(self) -> _Connection:
+        while self.open >= self.limit or self.idle:
+            connection = self._idle_connection()
+            if connection is not None:
+                return connection
+            if self.open < self.limit:
+                break
             waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
             self.waiters.append(waiter)
             try:
@@ -507,8 +525,9 @@ class _Pool:
                     else:
                         self._free_slot()
                 raise
-            if handed is not None:
+            if handed is not None and handed.usable:
                 return handed
+            # A free slot, or a connection that closed on its way here: look again.
         self.open += 1
         try:
             connection = await self._connect()
@@ -542,7 +561,7 @@ class _Pool:
 
     def put(self, connection: _Connection) -> None:
         """A connection free for the next request."""
-        if connection.closed:
+        if not connection.usable:
             return
         while self.waiters:
             waiter = self.waiters.popleft()
