@@ -62,6 +62,7 @@ class ScriptedServer:
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    alpn: list[str | None] = field(default_factory=list)  # per TLS connection
 
     async def start(self) -> ScriptedServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
@@ -79,6 +80,9 @@ class ScriptedServer:
         number = self.connections
         self.connections += 1
         self.writers.add(writer)
+        tls = writer.get_extra_info("ssl_object")
+        if tls is not None:
+            self.alpn.append(tls.selected_alpn_protocol())
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
         try:
@@ -621,6 +625,7 @@ def _server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
     pki = make_pki(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.set_alpn_protocols(["h2", "http/1.1"])  # as a real API front end offers
     return context, pki.ca_cert
 
 
@@ -632,6 +637,7 @@ async def test_https_upstream_verified_against_the_trust_store(
     server, upstreams = await make(json_answer(), ssl_context=context)
     assert await read(upstreams) == (200, b'{"ok":true}')
     assert server.requests[0].header(b"host") == f"localhost:{server.port}".encode()
+    assert server.alpn == ["http/1.1"]  # offered h2 first; the client speaks HTTP/1.1 only
 
 
 async def test_https_upstream_with_an_untrusted_certificate_is_unreachable(

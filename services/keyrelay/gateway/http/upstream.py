@@ -421,9 +421,10 @@ class _Pool:
         self.loop = loop
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if parts.scheme == "https" else None
-        )
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl.create_default_context()
+            self.ssl.set_alpn_protocols(["http/1.1"])  # the only protocol this client speaks
         default_port = parts.port is None or parts.port == (443 if self.ssl else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
