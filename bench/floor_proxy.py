@@ -35,7 +35,12 @@ Send = Callable[[Message], Awaitable[None]]
 _UPSTREAM_HEADERS = {"content-type": "application/json", "x-api-key": "sk-floor"}
 
 
-async def _lifespan(receive: Receive, send: Send, start: Any, stop: Any) -> None:
+async def _lifespan(
+    receive: Receive,
+    send: Send,
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

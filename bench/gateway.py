@@ -780,13 +780,14 @@ def direct_of(result: Result, results: Sequence[Result]) -> Result:
     )
 
 
-def floor_of(result: Result, results: Sequence[Result]) -> Result | None:
-    """The floor proxy's run beside ``result`` (same kind, client, concurrency)."""
+def floor_of(result: Result, results: Sequence[Result], label: str = FLOOR) -> Result | None:
+    """The run of path ``label`` (a floor proxy) beside ``result`` (same kind, client,
+    concurrency)."""
     return next(
         (
             r
             for r in results
-            if r.path.label == FLOOR
+            if r.path.label == label
             and (r.stream, r.client, r.concurrency)
             == (result.stream, result.client, result.concurrency)
         ),
@@ -805,31 +806,21 @@ def print_client_choice(requests: Sequence[Result], streams: Sequence[Result]) -
         f"\nUpstream client (the bare proxy's CPU, same run): {FLOOR_KEYRELAY} = keyrelay's "
         f"client, {FLOOR} = aiohttp's"
     )
-    for results, unit in ((requests, "request"), (streams, "event")):
-        for r in results:
-            if r.path.label != FLOOR:
-                continue
-            ours = next(
-                (
-                    o
-                    for o in results
-                    if o.path.label == FLOOR_KEYRELAY
-                    and (o.concurrency, o.client) == (r.concurrency, r.client)
-                ),
-                None,
-            )
-            if ours is None:
-                continue
-            if unit == "event":
-                theirs_us, ours_us = r.cpu_us(r.events), ours.cpu_us(ours.events)
-            else:
-                theirs_us, ours_us = r.cpu_us(r.completed), ours.cpu_us(ours.completed)
-            what = f"stream, client reading {r.client}" if r.stream else "non-stream"
-            x = ratio(ours_us, theirs_us) if ours_us and theirs_us else None
-            print(
-                f"  {what}, c={r.concurrency}: {fmt(ours_us, 2)} vs {fmt(theirs_us, 2)} us "
-                f"per {unit} ({fmt(x, 2, 'x')})"
-            )
+    results = [*requests, *streams]
+    for r in results:
+        ours = floor_of(r, results, FLOOR_KEYRELAY) if r.path.label == FLOOR else None
+        if ours is None:
+            continue
+        if r.stream:
+            unit, theirs_us, ours_us = "event", r.cpu_us(r.events), ours.cpu_us(ours.events)
+        else:
+            unit, theirs_us, ours_us = "request", r.cpu_us(r.completed), ours.cpu_us(ours.completed)
+        what = f"stream, client reading {r.client}" if r.stream else "non-stream"
+        x = ratio(ours_us, theirs_us) if ours_us and theirs_us else None
+        print(
+            f"  {what}, c={r.concurrency}: {fmt(ours_us, 2)} vs {fmt(theirs_us, 2)} us "
+            f"per {unit} ({fmt(x, 2, 'x')})"
+        )
 
 
 def print_targets(

@@ -49,6 +49,9 @@ def _entry(
     return entry
 
 
+_COMPACT: Final = (",", ":")  # the spacing of json_line's orjson output
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = _entry(
@@ -64,7 +67,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=_COMPACT)
 
 
-_COMPACT: Final = (",", ":")  # the spacing of json_line's orjson output
 # Values orjson would write its own way go to ``default=str``, as in JsonFormatter.
 _ORJSON_OPTIONS: Final = (
     orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME

@@ -183,10 +183,9 @@ class SSEDecoder:
 
     def feed_raw(self, data: bytes) -> list[bytes]:
         """Add bytes; return the raw blocks they complete, in order."""
-        buf = self._take(data)
-        if buf is None:
+        if not self._accepts(data):
             return []
-        return self._frame(buf)
+        return self._frame(self._glue(data))
 
     def feed_span(self, data: bytes) -> bytes:
         """Add bytes; return the blocks they complete as one ``bytes``.
@@ -197,18 +196,11 @@ class SSEDecoder:
         nothing in the span forwards it at the cost of a few searches per
         chunk. Cut a span into blocks with ``split_blocks``.
         """
-        if (
-            not self._held
-            and _CR not in data
-            and self._last != b"\r"
-            and not self._failed
-            and not self._closed
-            and data
-        ):
-            return self._feed_lf_span(data)
-        buf = self._take(data)
-        if buf is None:
+        if not self._accepts(data):
             return b""
+        if not self._held and _CR not in data and self._last != b"\r":
+            return self._feed_lf_span(data)
+        buf = self._glue(data)
         if self._held:
             return b"".join(self._frame(buf))
         # Every pair ("\n\n", "\r\r", "\n\r") ends a block, so the last pair
@@ -275,14 +267,16 @@ class SSEDecoder:
                 self._fail(split_blocks(span))
         return span
 
-    def _take(self, data: bytes) -> bytes | None:
-        """Check the state; return ``data`` with one byte of context in front."""
+    def _accepts(self, data: bytes) -> bool:
+        """Raise if no more input is taken; False for nothing to add."""
         if self._failed:
             raise SSEError("the SSE decoder failed earlier and accepts no more input")
         if self._closed:
             raise SSEError("feed() after close()")
-        if not data:
-            return None
+        return bool(data)
+
+    def _glue(self, data: bytes) -> bytes:
+        """``data`` with one byte of context in front."""
         # The byte before the new data lets a single search find blank lines
         # that straddle the previous chunk.
         buf = self._last + data

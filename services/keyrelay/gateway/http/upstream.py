@@ -155,10 +155,7 @@ class UpstreamResponse:
             return
         self._released = True
         self._stop_timer()
-        connection = self._connection
-        if connection.response is self:
-            connection.response = None
-            connection.close()
+        self._drop_connection()
 
     # -- internals ------------------------------------------------------------
 
@@ -195,6 +192,10 @@ class UpstreamResponse:
             self._error = error
         self._stop_timer()
         self._wake()
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        """Close the connection if it still carries this answer (its rest is unread)."""
         connection = self._connection
         if connection.response is self:
             connection.response = None
@@ -337,22 +338,20 @@ class UpstreamResponse:
 
     def _decompress(self, data: bytes) -> bytes:
         assert self._decoder is not None
+        parts: list[bytes] = []
+        size = 0
         try:
             # Bounded steps: a small compressed chunk can inflate to gigabytes.
-            out = self._decoder.decompress(data, HIGH_WATER_BYTES)
-            if not self._decoder.unconsumed_tail:
-                return out
-            parts = [out]
-            size = len(out)
-            while self._decoder.unconsumed_tail:
-                more = self._decoder.decompress(self._decoder.unconsumed_tail, HIGH_WATER_BYTES)
-                parts.append(more)
-                size += len(more)
+            while data:
+                out = self._decoder.decompress(data, HIGH_WATER_BYTES)
+                parts.append(out)
+                size += len(out)
                 if size > MAX_RESPONSE_BYTES:
                     raise _unreachable(self._pool.name, f"more than {MAX_RESPONSE_BYTES} bytes")
-            return b"".join(parts)
+                data = self._decoder.unconsumed_tail
         except zlib.error:
             raise _unreachable(self._pool.name, "invalid compressed body") from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _Connection(asyncio.Protocol):
@@ -435,7 +434,6 @@ class _Pool:
         self.open = 0  # connections open or being opened
         self.idle: list[_Connection] = []
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
-        self._heads: dict[str, str] = {}
 
     async def post(
         self,
@@ -472,9 +470,7 @@ class _Pool:
         query: Sequence[tuple[str, str]],
         length: int,
     ) -> bytes:
-        start = self._heads.get(path)
-        if start is None:
-            start = self._heads[path] = f"POST {self.base_path}{path}"
+        start = f"POST {self.base_path}{path}"
         lines = [
             f"{start}?{urlencode(query)}" if query else start,
             f" HTTP/1.1\r\nhost: {self.host_header}\r\ncontent-length: {length}\r\n"
@@ -556,7 +552,7 @@ class _Pool:
             ) from None
         except OSError as exc:  # refused, unknown host, TLS failure (ssl.SSLError)
             raise _unreachable(self.name, type(exc).__name__) from None
-        if connection.closed:  # lost before this task resumed
+        if not connection.usable:  # lost (or closing) before this task resumed
             raise _unreachable(self.name, "the connection closed at once")
         return connection
 
@@ -564,13 +560,9 @@ class _Pool:
         """A connection free for the next request."""
         if not connection.usable:
             return
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(connection)
-                return
-        connection.idle_since = self.loop.time()
-        self.idle.append(connection)
+        if not self._hand_over(connection):
+            connection.idle_since = self.loop.time()
+            self.idle.append(connection)
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed: its slot is free."""
@@ -580,11 +572,16 @@ class _Pool:
         self._free_slot()
 
     def _free_slot(self) -> None:
+        self._hand_over(None)  # None: go and open one
+
+    def _hand_over(self, handed: _Connection | None) -> bool:
+        """Wake the first caller still waiting; False when none is."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # go and open one
-                return
+                waiter.set_result(handed)
+                return True
+        return False
 
     def close(self) -> None:
         for connection in list(self.idle):
@@ -619,5 +616,5 @@ class Upstreams:
         return await self._pools[upstream.name].post(path, headers, query, body)
 
     def open_connections(self, upstream: str) -> int:
-        """Connections open or being opened to ``upstream`` (for tests and metrics)."""
+        """Connections open or being opened to ``upstream``."""
         return self._pools[upstream].open
