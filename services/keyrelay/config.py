@@ -611,6 +611,19 @@ def _parse_profile(name: str, section: _Section) -> Profile:
 
 def _parse_upstream(name: str, section: _Section) -> UpstreamConfig:
     url = _check_url(section, "url", section.string("url")).rstrip("/")
+    # The gateway's client sends to host:port with the URL's path as a prefix:
+    # anything else in the URL would be ignored, or fail at the first request.
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        raise ConfigError(f"{section.key('url')}: the port is not a number 0-65535") from None
+    if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
+        raise ConfigError(
+            # Not echoed: the URL may hold a password.
+            f"{section.key('url')}: must be scheme://host[:port][/path], "
+            "without credentials, query or fragment"
+        )
     upstream = UpstreamConfig(
         name=name,
         url=url,

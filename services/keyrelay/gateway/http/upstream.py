@@ -414,8 +414,7 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         parts = urlsplit(config.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream {config.name!r}: not an http(s) URL")
+        assert parts.hostname, "the config parser checked the URL"
         self.name = config.name
         self.loop = loop
         self.host = parts.hostname
