@@ -135,6 +135,7 @@ class AuthConfig:
     token_timeout_seconds: float = 10.0
     refresh_backoff_base_seconds: float = 1.0
     refresh_backoff_cap_seconds: float = 60.0
+    forced_refresh_cooldown_seconds: float = 30.0
     log_level: str = "info"
     tls: TlsConfig | None = None
     web: WebConfig | None = None  # no [auth.web] section: no HTTP side
@@ -505,6 +506,9 @@ def parse_auth_config(
         token_timeout_seconds=token_timeout,
         refresh_backoff_base_seconds=auth.number("refresh_backoff_base_seconds", 1.0, minimum=0.01),
         refresh_backoff_cap_seconds=auth.number("refresh_backoff_cap_seconds", 60.0, minimum=0.01),
+        forced_refresh_cooldown_seconds=auth.number(
+            "forced_refresh_cooldown_seconds", 30.0, minimum=0.0
+        ),
         log_level=auth.string("log_level", "info").lower(),
         tracing=_parse_tracing(auth.table("tracing"), gateway=False),
         tls=tls,

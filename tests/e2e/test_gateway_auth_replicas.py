@@ -41,7 +41,8 @@ async def test_failover_and_event_stream_resume_across_auth_replicas(
     Without an event seen before the stop, the stream's cursor comes from its
     initial metadata: resuming must still deliver what happened in between.
     """
-    servers = [await make_auth.start(), await make_auth.start()]
+    # Refreshes are forced back to back here: no forced-refresh cool-down.
+    servers = [await make_auth.start(forced_refresh_cooldown_seconds=0) for _ in range(2)]
     survivor_stub = servers[1 - stopped][1]
     await connect(survivor_stub, "acct", login="replica-user")
     data = gateway_config_data(upstream.url, None)

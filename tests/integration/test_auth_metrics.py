@@ -132,7 +132,10 @@ async def test_refresh_outcomes_events_and_token_endpoint_calls(
         refreshes("invalid_grant"),
         events("DISCONNECTED"),
     )
-    _, stub = await make_auth.start(refresh_backoff_base_seconds=0.05)
+    # Two forced refreshes back to back: no forced-refresh cool-down here.
+    _, stub = await make_auth.start(
+        refresh_backoff_base_seconds=0.05, forced_refresh_cooldown_seconds=0
+    )
     account = await connect(stub, "metrics-refresh", login="metrics-refresh-user")
     refreshed = await get_token(stub, "metrics-refresh", stale=account.generation)
     assert refreshed.generation == account.generation + 1

@@ -331,12 +331,19 @@ def test_fault_html502(server: OidcServer) -> None:
 
 def test_fault_reset(server: OidcServer) -> None:
     tokens = connect(server)
+    server.reset_stats()
     server.set_fault("reset", count=1)
     with pytest.raises(httpx.TransportError) as excinfo:
         refresh(server, tokens["refresh_token"])
     assert not isinstance(excinfo.value, httpx.TimeoutException)
+    # Cut before the provider saw the request: the old refresh token is still unused.
     assert refresh(server, tokens["refresh_token"]).status_code == 200
-    assert server.stats()["faulted"] == 1
+    stats = server.stats()
+    assert stats["faulted"] == 1
+    assert stats["faulted_by_mode"] == {"reset": 1}
+    assert stats["token_calls"]["refresh_token"] == 2
+    assert stats["token_success"]["refresh_token"] == 1
+    assert stats["reuse_detected"] == 0
 
 
 def test_fault_hang(server: OidcServer) -> None:
@@ -363,6 +370,87 @@ def test_fault_delay_then_real_answer(server: OidcServer) -> None:
     stats = server.stats()
     assert stats["faulted_by_mode"] == {"delay": 1}
     assert stats["reuse_detected"] == 1
+
+
+def test_fault_delay_response_rotates_before_the_answer(server: OidcServer) -> None:
+    tokens = connect(server)
+    server.reset_stats()
+    stderr_before = server.stderr()
+    server.set_fault("delay_response", delay_ms=1500, count=1)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        refresh(server, tokens["refresh_token"], timeout=0.5)
+    assert time.monotonic() - started < 1.5  # the client gave up before the answer came
+    # The provider handled the request before the delay: the old refresh token is used up.
+    assert_invalid_grant(refresh(server, tokens["refresh_token"]))
+    stats = server.stats()
+    assert stats["reuse_detected"] == 1
+    assert stats["faulted"] == 1
+    assert stats["faulted_by_mode"] == {"delay_response": 1}
+    assert stats["token_calls"]["refresh_token"] == 2
+    assert stats["token_success"]["refresh_token"] == 1  # answered, though never delivered
+    assert stats["token_errors"]["invalid_grant"] == 1
+
+    # The held-back answer then meets a closed connection; the server carries on.
+    time.sleep(max(0.0, started + 1.5 + 0.3 - time.monotonic()))
+    assert server.running
+    assert "error" not in server.stderr()[len(stderr_before) :].lower()
+    assert refresh(server, connect(server)["refresh_token"]).status_code == 200
+
+
+def test_fault_delay_response_answer_after_the_delay(server: OidcServer) -> None:
+    tokens = connect(server)
+    server.set_fault("delay_response", delay_ms=1000, count=1)
+    started = time.monotonic()
+    response = refresh(server, tokens["refresh_token"], timeout=5.0)
+    assert time.monotonic() - started >= 1.0
+    assert response.status_code == 200, response.text
+    new = response.json()
+    assert new["refresh_token"] != tokens["refresh_token"]
+    assert server.userinfo(new["access_token"]).status_code == 200
+    # count=1: the next request is answered at once.
+    started = time.monotonic()
+    assert refresh(server, new["refresh_token"]).status_code == 200
+    assert time.monotonic() - started < 1.0
+    stats = server.stats()
+    assert stats["faulted_by_mode"] == {"delay_response": 1}
+    assert stats["token_success"]["refresh_token"] == 2
+    assert stats["reuse_detected"] == 0
+
+
+def test_fault_reset_after_refresh_rotates_without_answer(server: OidcServer) -> None:
+    tokens = connect(server)
+    server.reset_stats()
+    server.set_fault("reset_after", count=1)
+    with pytest.raises(httpx.TransportError) as excinfo:
+        refresh(server, tokens["refresh_token"])
+    assert not isinstance(excinfo.value, httpx.TimeoutException)
+    # The provider rotated the refresh token before the cut: presenting it again is reuse.
+    assert_invalid_grant(refresh(server, tokens["refresh_token"]))
+    stats = server.stats()
+    assert stats["reuse_detected"] == 1
+    assert stats["grants_revoked"] == 1
+    assert stats["faulted"] == 1
+    assert stats["faulted_by_mode"] == {"reset_after": 1}
+    assert stats["token_calls"]["refresh_token"] == 2
+    assert stats["token_success"]["refresh_token"] == 1  # answered, though never delivered
+    assert stats["token_errors"]["invalid_grant"] == 1
+
+
+def test_fault_reset_after_code_exchange_consumes_the_code(server: OidcServer) -> None:
+    code, verifier = login_for_code(server)
+    server.set_fault("reset_after", count=1)
+    with pytest.raises(httpx.TransportError) as excinfo:
+        exchange_code(server, code, verifier)
+    assert not isinstance(excinfo.value, httpx.TimeoutException)
+    # The provider consumed the code before the cut: presenting it again is a replay.
+    assert_invalid_grant(exchange_code(server, code, verifier))
+    stats = server.stats()
+    assert stats["code_replay_detected"] == 1
+    assert stats["grants_revoked"] == 1
+    assert stats["faulted_by_mode"] == {"reset_after": 1}
+    assert stats["token_calls"]["authorization_code"] == 2
+    assert stats["token_success"]["authorization_code"] == 1
 
 
 # -- short-lived access tokens --------------------------------------------------------------

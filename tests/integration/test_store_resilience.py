@@ -310,6 +310,8 @@ async def test_invalid_client_on_refresh_never_disconnects(
         secret_file.write_text(secret + "\n")
         provider["client_secret"] = {"file": str(secret_file)}
         data["auth"]["refresh_backoff_base_seconds"] = 0.05
+        # The good replica forces a refresh right after the bad one's: no cool-down.
+        data["auth"]["forced_refresh_cooldown_seconds"] = 0
         return data
 
     good = await start_server(

@@ -42,21 +42,30 @@
 //         "code_replay_detected": n, "user_revocations": n}
 //        token_calls counts every request that reached the token endpoint, by its
 //        grant_type, as it arrives (before any fault or delay), including those answered
-//        by an injected fault. "faulted" counts requests that got a fault (a `delay` one
-//        too, though the provider then answers it); token_success and token_errors
-//        count what the real provider answered (token_errors by `error` code).
+//        by an injected fault. "faulted" counts requests that got a fault (`delay`,
+//        `delay_response` and `reset_after` ones too, though the provider handles them);
+//        token_success and token_errors count what the real provider answered
+//        (token_errors by `error` code), whether or not that answer reached the client.
 //        reuse_detected: a rotated refresh token was presented again (grant revoked);
 //        code_replay_detected: an authorization code was presented again (grant revoked);
 //        grants_revoked: grants revoked by the provider (reuse, replay, RFC 7009
 //        revocation of a refresh token) plus those revoked via POST /__test/revoke.
 //   POST /__test/stats/reset  zeroes the counters.
-//   POST /__test/fault   {"mode": "none"|"status503"|"html502"|"hang"|"reset"|"delay",
+//   POST /__test/fault   {"mode": "none"|"status503"|"html502"|"hang"|"reset"|"delay"
+//                                 |"delay_response"|"reset_after",
 //                         "delay_ms": int, "count": int}
 //        the next `count` token-endpoint requests (-1, the default: until changed) get
-//        the fault: status503 → 503 {"error":"temporarily_unavailable"}; html502 → 502
-//        with an HTML body; hang → no answer, the socket stays open; reset → the socket
-//        is destroyed without a response; delay → wait delay_ms, then the real provider
-//        handles the request.
+//        the fault. Before the provider sees the request (nothing is processed, a
+//        refresh token or code stays usable):
+//          status503 → 503 {"error":"temporarily_unavailable"}; html502 → 502 with an
+//          HTML body; hang → no answer, the socket stays open; reset → the socket is
+//          destroyed without a response; delay → wait delay_ms, then the real provider
+//          handles the request and its answer is sent.
+//        After the provider handled the request (a refresh token is already rotated, a
+//        code already consumed; the answer is lost or late):
+//          delay_response → the provider's answer is held back delay_ms, then sent (if
+//          the client is still there); reset_after → the socket is destroyed and the
+//          provider's answer is never sent.
 //   POST /__test/revoke  {"sub": "<login name>"} → {"revoked": n}: revokes every grant of
 //        that user (all their codes, access and refresh tokens), as when a user removes
 //        the application's access in the provider's UI.
@@ -89,7 +98,16 @@ const REDIRECT_URIS = (process.env.REDIRECT_URIS || 'http://127.0.0.1:8765/callb
 const CLIENT_SECRET = process.env.CLIENT_SECRET || 'test-secret';
 const APPLICATION_TYPE = process.env.APPLICATION_TYPE || 'web';
 const CLIENT_IDS = new Set(['keyrelay-public', 'keyrelay-confidential']);
-const FAULT_MODES = new Set(['none', 'status503', 'html502', 'hang', 'reset', 'delay']);
+const FAULT_MODES = new Set([
+  'none',
+  'status503',
+  'html502',
+  'hang',
+  'reset',
+  'delay',
+  'delay_response',
+  'reset_after',
+]);
 
 // ---------------------------------------------------------------------------------------
 // Storage: an in-memory adapter (like oidc-provider's own, but unbounded and enumerable,
@@ -240,6 +258,20 @@ function grantTypeOf(body, contentType) {
     }
   }
   return new URLSearchParams(body).get('grant_type') || 'unknown';
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => { setTimeout(resolve, ms); });
+}
+
+// Destroys the connection without an HTTP answer (a TCP RST where Node supports it).
+function resetSocket(socket) {
+  if (socket.destroyed) return;
+  if (typeof socket.resetAndDestroy === 'function') {
+    socket.resetAndDestroy();
+  } else {
+    socket.destroy();
+  }
 }
 
 function sendJson(ctx, status, body) {
@@ -463,16 +495,26 @@ provider.use(async (ctx, next) => {
       ctx.respond = false;
       return;
     case 'reset':
+      // Cut before the provider sees the request: nothing is processed.
       ctx.respond = false;
-      if (typeof ctx.req.socket.resetAndDestroy === 'function') {
-        ctx.req.socket.resetAndDestroy();
-      } else {
-        ctx.req.socket.destroy();
-      }
+      resetSocket(ctx.req.socket);
       return;
     case 'delay':
-      await new Promise((resolve) => { setTimeout(resolve, injected.delayMs); });
+      await sleep(injected.delayMs);
       break;
+    case 'delay_response':
+      // The provider handles the request now (a refresh token is rotated, a code
+      // consumed); only its answer is held back. koa sends it when this middleware
+      // returns, and skips it when the client has gone meanwhile (ctx.writable).
+      await next();
+      await sleep(injected.delayMs);
+      return;
+    case 'reset_after':
+      // The provider handles the request, then the answer is lost with the connection.
+      await next();
+      ctx.respond = false;
+      resetSocket(ctx.req.socket);
+      return;
     default:
       throw new Error(`unhandled fault mode ${injected.mode}`);
   }

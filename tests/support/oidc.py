@@ -38,7 +38,16 @@ DEFAULT_CLIENT_SECRET = "test-secret"
 DEFAULT_REDIRECT_URI = "http://127.0.0.1:8765/callback"
 DEFAULT_REDIRECT_URIS: tuple[str, ...] = (DEFAULT_REDIRECT_URI,)
 
-FaultMode = Literal["none", "status503", "html502", "hang", "reset", "delay"]
+FaultMode = Literal[
+    "none",
+    "status503",
+    "html502",
+    "hang",
+    "reset",
+    "delay",
+    "delay_response",
+    "reset_after",
+]
 
 _CONTROL_TIMEOUT = 10.0
 
@@ -208,7 +217,13 @@ class OidcServer:
         self._control("POST", "/__test/stats/reset")
 
     def set_fault(self, mode: FaultMode, *, delay_ms: int = 0, count: int = -1) -> None:
-        """Make the next `count` token-endpoint requests (-1: all, until changed) fail."""
+        """Make the next `count` token-endpoint requests (-1: all, until changed) fail.
+
+        `status503`, `html502`, `hang`, `reset` and `delay` act before the provider sees
+        the request; `delay_response` (answer held back `delay_ms`) and `reset_after`
+        (connection cut, no answer) act after it has handled it, so a refresh token is
+        already rotated or a code already consumed. See tests/oidc/server.mjs.
+        """
         self._control("POST", "/__test/fault", {"mode": mode, "delay_ms": delay_ms, "count": count})
 
     def clear_fault(self) -> None:

@@ -20,7 +20,15 @@ from prometheus_client import Counter, Histogram
 
 RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_ENDPOINT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-REFRESH_OUTCOMES: Final = ("refreshed", "fenced", "invalid_grant", "transient", "misconfigured")
+REFRESH_OUTCOMES: Final = (
+    "refreshed",
+    "fenced",
+    "invalid_grant",
+    "transient",
+    "misconfigured",
+    "not_sent",
+    "answer_lost",
+)
 EVENT_KINDS: Final = ("CONNECTED", "REFRESHED", "DISCONNECTED", "REFRESH_FAILED")
 
 RPCS: Final = Counter(
@@ -48,6 +56,11 @@ TOKEN_ENDPOINT_SECONDS: Final = Histogram(
 LOCK_WAITS: Final = Counter(
     "keyrelay_auth_lock_waits",
     "Times this replica waited for another replica's refresh (the account's lock was held)",
+)
+FORCED_REFRESHES_REFUSED: Final = Counter(
+    "keyrelay_auth_forced_refreshes_refused",
+    "Reports of a rejected token (stale_generation) answered with the current token because "
+    "a forced refresh of the account was made less than forced_refresh_cooldown_seconds ago",
 )
 EVENTS: Final = Counter(
     "keyrelay_auth_events",

@@ -46,11 +46,28 @@ from keyrelay.auth.core.errors import (
     Unavailable,
 )
 from keyrelay.auth.core.refresh import (
-    Decision,
-    backoff_delay,
-    decide,
-    still_usable,
-    wait_delay,
+    AccountState,
+    CallTokenEndpoint,
+    CheckHolder,
+    Command,
+    Fail,
+    HolderState,
+    LetLeaseExpire,
+    LockTaken,
+    Outcome,
+    ReadAccount,
+    RecordFailure,
+    RefreshAttempt,
+    ReleaseLock,
+    ServeFresh,
+    ServeStored,
+    Sleep,
+    Timings,
+    TryLock,
+    WriteDisconnect,
+    WriteRefreshed,
+    Written,
+    satisfies,
 )
 from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
 from keyrelay.auth.provider_client import ProviderClient
@@ -72,6 +89,7 @@ FLOW_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # Larger minimums would make every call refresh when the provider issues
 # shorter-lived tokens; an hour is the common access-token lifetime.
 MAX_MIN_TTL_SECONDS = 3600
+DEFAULT_TIMINGS = Timings()
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -90,19 +108,6 @@ class StartedFlow:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class Timings:
-    flow_ttl: float = 600.0
-    skew: float = 30.0
-    lock_ttl: float = 10.0
-    refresh_deadline: float = 30.0
-    wait_for_refresh: float = 35.0
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-    wait_poll_base: float = 0.02
-    wait_poll_cap: float = 0.25
-
-
 def validate_account_id(account_id: str) -> str:
     if not ACCOUNT_ID.match(account_id):
         raise InvalidArgument(
@@ -112,17 +117,31 @@ def validate_account_id(account_id: str) -> str:
     return account_id
 
 
-def disconnected_message(record: AccountRecord) -> str:
-    reason = record.disconnect_reason or "unknown reason"
-    return (
-        f"account {record.account_id!r} is disconnected ({reason}); reconnect it with: "
-        f"keyrelay connect {record.account_id} --provider {record.provider}"
-    )
-
-
-def failure_level(err: TokenEndpointError) -> int:
+def failure_level(kind: FailureKind) -> int:
     """``invalid_client`` and other misconfiguration need an operator: error; the rest warn."""
-    return logging.ERROR if err.kind is FailureKind.MISCONFIGURED else logging.WARNING
+    return logging.ERROR if kind is FailureKind.MISCONFIGURED else logging.WARNING
+
+
+class _Run:
+    """The I/O state of one refresh attempt: what the driver read, holds and received."""
+
+    __slots__ = ("attempt", "fresh", "lock_settled", "owner", "record", "renewer", "sent", "tokens")
+
+    def __init__(self, attempt: RefreshAttempt) -> None:
+        self.attempt = attempt
+        self.owner: str | None = None  # the lock's owner token, once taken
+        self.record: AccountRecord | None = None  # the last read
+        self.tokens: StoredTokens | None = None  # decrypted from it
+        self.fresh: TokenSet | None = None  # the provider's answer
+        self.renewer: asyncio.Task[None] | None = None
+        self.sent = False  # a token call may have reached the provider
+        self.lock_settled = False  # released, left to expire, or released by the write
+
+    async def stop_renewing(self) -> None:
+        if self.renewer is not None:
+            self.renewer.cancel()
+            await asyncio.gather(self.renewer, return_exceptions=True)
+            self.renewer = None
 
 
 @contextmanager
@@ -145,7 +164,7 @@ class AuthService:
         store: RedisStore,
         providers: Mapping[str, ProviderConfig],
         provider_client: ProviderClient,
-        timings: Timings = Timings(),
+        timings: Timings = DEFAULT_TIMINGS,
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -158,6 +177,7 @@ class AuthService:
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._refreshes: dict[str, asyncio.Task[Token]] = {}
+        self._stopping = False
         self._tracer = tracer
 
     # -- flows --------------------------------------------------------------
@@ -226,28 +246,27 @@ class AuthService:
         provider = self._provider(claimed.provider)
         try:
             with self._token_call(provider.name, "exchange"):
-                tokens = await asyncio.wait_for(
+                # Shielded: a caller that goes away must not cut a code exchange in
+                # flight, whose answer holds the only copy of the new grant's tokens.
+                tokens = await asyncio.shield(
                     self._client.exchange_code(
                         provider,
                         code=code.code,
                         verifier=claimed.verifier,
                         redirect_uri=claimed.redirect_uri,
                         now=self._clock(),
-                    ),
-                    self._t.refresh_deadline,
+                        answer_within=self._t.refresh_deadline,
+                    )
                 )
-        except TimeoutError:
-            raise Unavailable(
-                "the token endpoint did not answer in time; the code may be used up, "
-                "so start a new flow"
-            ) from None
         except TokenEndpointError as err:
             log.log(
-                failure_level(err),
+                failure_level(err.kind),
                 "code exchange failed",
                 extra={"account_id": claimed.account_id, "kind": err.kind.name, "error": err.error},
             )
-            if err.kind is FailureKind.TRANSIENT:
+            if err.kind is FailureKind.NOT_SENT:
+                raise Unavailable(f"{err}; the code was not used, but start a new flow") from None
+            if err.kind in (FailureKind.TRANSIENT, FailureKind.ANSWER_LOST):
                 raise Unavailable(f"{err}; the code may be used up, so start a new flow") from None
             raise FailedPrecondition(
                 f"the provider refused the code: {err.error or 'error'}"
@@ -321,11 +340,8 @@ class AuthService:
             else:
                 token, hint = tokens.access_token, "access_token"
             with self._token_call(provider.name, "revoke"):
-                await asyncio.wait_for(
-                    self._client.revoke(provider, token=token, token_type_hint=hint),
-                    self._t.refresh_deadline,
-                )
-        except (TokenEndpointError, TimeoutError, Unavailable) as exc:
+                await self._client.revoke(provider, token=token, token_type_hint=hint)
+        except (TokenEndpointError, Unavailable) as exc:
             log.warning(
                 "revocation at the provider failed; tokens are deleted here anyway",
                 extra={"account_id": record.account_id, "error": str(exc)},
@@ -341,21 +357,87 @@ class AuthService:
             raise InvalidArgument(f"min_ttl_seconds must be between 0 and {MAX_MIN_TTL_SECONDS}")
         if stale_generation < 0:
             raise InvalidArgument("stale_generation must not be negative")
-        record = await self._read(account_id)
-        if self._decide(record, min_ttl, stale_generation) is Decision.SERVE:
-            return self._token(record)
+        # The fast path is the machine's first step, run inline: one HGETALL, one decrypt.
+        attempt = self._attempt(account_id, min_ttl, stale_generation)
+        run = _Run(attempt)
+        command = attempt.step(
+            await self._execute(run, attempt.start(self._clock())), self._clock()
+        )
+        if attempt.done:
+            return self._finish(run, command)
+        # A refresh is needed. Callers in this replica share one attempt, and a caller
+        # that goes away never cancels it (nor a token call it has in flight).
+        for _joins in range(2):
+            task, joined = self._shared_attempt(account_id, min_ttl, stale_generation)
+            token = await asyncio.shield(task)
+            if not joined or satisfies(
+                generation=token.generation,
+                expires_at=token.expires_at,
+                now=self._clock(),
+                min_ttl=min_ttl,
+                skew=self._t.skew,
+                stale_generation=stale_generation,
+            ):
+                return token
+            # Another caller's attempt answered another question (a shorter min_ttl, an
+            # older stale generation): one attempt for this caller's own.
+        return token
+
+    def _attempt(self, account_id: str, min_ttl: float, stale_generation: int) -> RefreshAttempt:
+        return RefreshAttempt(
+            account_id,
+            min_ttl=min_ttl,
+            stale_generation=stale_generation,
+            timings=self._t,
+            rng=self._rng,
+        )
+
+    def _shared_attempt(
+        self, account_id: str, min_ttl: float, stale_generation: int
+    ) -> tuple[asyncio.Task[Token], bool]:
+        """The attempt in flight for the account, or a new one; and whether it was joined."""
         task = self._refreshes.get(account_id)
-        if task is None:
-            task = asyncio.create_task(self._refresh_task(account_id, min_ttl, stale_generation))
-            self._refreshes[account_id] = task
-            task.add_done_callback(lambda t: self._forget_refresh(account_id, t))
-        # Shielded: a caller that goes away must not cancel the refresh others wait on.
-        return await asyncio.shield(task)
+        if task is not None:
+            return task, True
+        task = asyncio.create_task(self._refresh_task(account_id, min_ttl, stale_generation))
+        self._refreshes[account_id] = task
+        task.add_done_callback(lambda t: self._forget_refresh(account_id, t))
+        return task, False
 
     async def _refresh_task(self, account_id: str, min_ttl: float, stale: int) -> Token:
         # The task copies the first caller's context: its span is this one's parent.
         with self._tracer.span("keyrelay.refresh", {"keyrelay.account": account_id}):
-            return await self._refresh_or_wait(account_id, min_ttl, stale)
+            attempt = self._attempt(account_id, min_ttl, stale)
+            run = _Run(attempt)
+            try:
+                command = attempt.start(self._clock())
+                while not attempt.done:
+                    outcome = await self._execute(run, command)
+                    command = attempt.step(outcome, self._clock(), stopping=self._stopping)
+                return self._finish(run, command)
+            finally:
+                await run.stop_renewing()
+                if run.owner is not None and not run.lock_settled:
+                    await self._after_error(run)
+
+    async def _after_error(self, run: _Run) -> None:
+        """An error (Redis down, a bug) ended the attempt while it held the lock."""
+        if run.sent:
+            # The provider may have rotated the refresh token: never release early.
+            log.warning(
+                "refresh attempt failed after its token call; the lock is left to expire",
+                extra={"account_id": run.attempt.account_id},
+            )
+            return
+        assert run.owner is not None
+        await self._release(run.attempt.account_id, run.owner)
+
+    async def drain(self) -> None:
+        """Stop starting token calls and wait for the attempts in flight (each ends by
+        its deadline): SIGTERM never abandons a refresh whose answer is on its way."""
+        self._stopping = True
+        if self._refreshes:
+            await asyncio.wait(list(self._refreshes.values()))
 
     @contextmanager
     def _token_call(self, provider: str, call: str) -> Iterator[None]:
@@ -379,137 +461,207 @@ class AuthService:
         if not task.cancelled():
             task.exception()  # mark retrieved: every waiter already got it
 
-    async def _read(self, account_id: str) -> AccountRecord:
+    # The driver: carries out the machine's commands ----------------------------------
+
+    async def _execute(self, run: _Run, command: Command) -> Outcome:
+        account_id = run.attempt.account_id
+        match command:
+            case ReadAccount():
+                return await self._read_state(run, account_id)
+            case TryLock():
+                with store_errors():
+                    run.owner = await self._store.try_lock(account_id, self._t.lock_ttl)
+                self._tracer.annotate({"keyrelay.lock": "acquired" if run.owner else "waited"})
+                if run.owner is None:
+                    metrics.LOCK_WAITS.inc()
+                return LockTaken(run.owner is not None)
+            case Sleep(seconds=seconds):
+                await asyncio.sleep(seconds)
+                return None
+            case CheckHolder():
+                with store_errors():
+                    current = await self._store.get_account(account_id)
+                    held = await self._store.lock_held(account_id)
+                return HolderState(None if current is None else current.generation, held)
+            case CallTokenEndpoint(deadline=deadline):
+                return await self._call_token_endpoint(run, deadline)
+            case WriteRefreshed():
+                return await self._write_refreshed(run, command)
+            case WriteDisconnect():
+                return await self._write_disconnect(run, command)
+            case RecordFailure():
+                return await self._record_failure(run, command)
+            case ReleaseLock():
+                await run.stop_renewing()
+                run.lock_settled = True
+                assert run.owner is not None
+                await self._release(account_id, run.owner)
+                return None
+            case LetLeaseExpire():
+                await run.stop_renewing()
+                run.lock_settled = True
+                log.warning(
+                    "refresh answer lost; the lock is left to expire",
+                    extra={"account_id": account_id},
+                )
+                return None
+        raise AssertionError(f"not a step command: {command!r}")
+
+    def _finish(self, run: _Run, command: Command) -> Token:
+        match command:
+            case ServeStored(cooling=cooling):
+                if cooling:
+                    metrics.FORCED_REFRESHES_REFUSED.inc()
+                assert run.record is not None
+                assert run.tokens is not None
+                record = run.record
+                return Token(
+                    run.tokens.access_token, record.token_type, record.expires_at, record.generation
+                )
+            case ServeFresh(generation=generation):
+                assert run.fresh is not None
+                fresh = run.fresh
+                return Token(fresh.access_token, fresh.token_type, fresh.expires_at, generation)
+            case Fail(error=error):
+                raise error
+        raise AssertionError(f"not a terminal command: {command!r}")
+
+    async def _read_state(self, run: _Run, account_id: str) -> AccountState:
         with store_errors():
             record = await self._store.get_account(account_id)
-        if record is None:
-            raise NotFound(f"account {account_id!r} was never connected")
-        if not record.connected:
-            raise FailedPrecondition(disconnected_message(record))
-        return record
-
-    def _decide(self, record: AccountRecord, min_ttl: float, stale_generation: int) -> Decision:
-        return decide(
+            run.record = record
+            run.tokens = None
+            if record is None:
+                return AccountState(account_id, found=False)
+            if record.connected:
+                run.tokens = self._store.decrypt_tokens(record)
+        return AccountState(
+            account_id,
+            found=True,
+            connected=record.connected,
+            provider=record.provider,
+            provider_configured=record.provider in self._providers,
             generation=record.generation,
             expires_at=record.expires_at,
-            now=self._clock(),
-            min_ttl=min_ttl,
-            skew=self._t.skew,
-            stale_generation=stale_generation or None,
+            retry_at=record.retry_at,
+            failures=record.failures,
+            last_error=record.last_error,
+            disconnect_reason=record.disconnect_reason,
+            has_refresh_token=bool(run.tokens and run.tokens.refresh_token),
+            forced_at=record.forced_at,
+            answer_lost=record.answer_lost,
         )
 
-    def _token(self, record: AccountRecord) -> Token:
-        with store_errors():
-            tokens = self._store.decrypt_tokens(record)
-        return Token(tokens.access_token, record.token_type, record.expires_at, record.generation)
-
-    def _serve_or_fail(self, record: AccountRecord, why: str) -> Token:
-        """After a failed or skipped refresh: the current token while it still works."""
-        if still_usable(record.expires_at, self._clock()):
-            return self._token(record)
-        raise Unavailable(f"no valid token for account {record.account_id!r}: {why}")
-
-    async def _refresh_or_wait(self, account_id: str, min_ttl: float, stale: int) -> Token:
-        give_up_at = time.monotonic() + self._t.wait_for_refresh
-        while True:
-            record = await self._read(account_id)
-            if self._decide(record, min_ttl, stale) is Decision.SERVE:
-                return self._token(record)
-            if record.retry_at > self._clock():
-                return self._serve_or_fail(record, f"token endpoint failing ({record.last_error})")
-            with store_errors():
-                owner = await self._store.try_lock(account_id, self._t.lock_ttl)
-            if owner is not None:
-                self._tracer.annotate({"keyrelay.lock": "acquired"})
-                return await self._refresh_holding_lock(account_id, owner, min_ttl, stale)
-            metrics.LOCK_WAITS.inc()
-            self._tracer.annotate({"keyrelay.lock": "waited"})
-            with self._tracer.span("keyrelay.refresh.wait_for_holder"):
-                token = await self._wait_for_holder(record, give_up_at)
-            if token is not None:
-                return token
-
-    async def _wait_for_holder(self, seen: AccountRecord, give_up_at: float) -> Token | None:
-        """Polls until another replica's refresh moved the generation or its lock went away.
-
-        Returns None when it is time to look again, or a token when waiting any
-        longer is pointless and the current token still works.
-        """
-        started = time.monotonic()
-        while True:
-            if time.monotonic() >= give_up_at:
-                return self._serve_or_fail(seen, "a refresh on another replica is taking too long")
-            await asyncio.sleep(
-                wait_delay(
-                    time.monotonic() - started,
-                    base=self._t.wait_poll_base,
-                    cap=self._t.wait_poll_cap,
-                    rng=self._rng,
-                )
-            )
-            with store_errors():
-                current = await self._store.get_account(seen.account_id)
-                lock_held = await self._store.lock_held(seen.account_id)
-            if current is None or current.generation != seen.generation or not lock_held:
-                return None
-
-    async def _refresh_holding_lock(
-        self, account_id: str, owner: str, min_ttl: float, stale: int
-    ) -> Token:
-        lease_must_expire = False
-        lock_released = False  # by the fenced write itself
-        renewer: asyncio.Task[None] | None = None
+    async def _call_token_endpoint(
+        self, run: _Run, deadline: float
+    ) -> TokenSet | TokenEndpointError:
+        record, tokens = run.record, run.tokens
+        assert record is not None
+        assert tokens is not None
+        assert tokens.refresh_token
+        assert run.owner is not None
+        provider = self._providers[record.provider]
+        run.renewer = asyncio.create_task(self._renew_lease(record.account_id, run.owner))
+        run.sent = True  # from here on an error must not release the lock
         try:
-            record = await self._read(account_id)  # another holder may have just refreshed
-            if self._decide(record, min_ttl, stale) is Decision.SERVE:
-                return self._token(record)
-            if record.retry_at > self._clock():
-                return self._serve_or_fail(record, f"token endpoint failing ({record.last_error})")
-            with store_errors():
-                tokens = self._store.decrypt_tokens(record)
-            if not tokens.refresh_token:
-                return self._serve_or_fail(
-                    record, "the provider issued no refresh token; reconnect the account"
+            with self._token_call(provider.name, "refresh"):
+                run.fresh = await self._client.refresh(
+                    provider,
+                    refresh_token=tokens.refresh_token,
+                    scopes=record.scopes,
+                    now=self._clock(),
+                    answer_within=max(0.0, deadline - self._clock()),
                 )
-            provider = self._providers.get(record.provider)
-            if provider is None:
-                log.error(
-                    "provider of a connected account is not configured",
-                    extra={"account_id": account_id, "provider": record.provider},
-                )
-                return self._serve_or_fail(
-                    record, f"provider {record.provider!r} is not configured"
-                )
-            renewer = asyncio.create_task(self._renew_lease(account_id, owner))
-            try:
-                with self._token_call(provider.name, "refresh"):
-                    fresh = await asyncio.wait_for(
-                        self._client.refresh(
-                            provider,
-                            refresh_token=tokens.refresh_token,
-                            scopes=record.scopes,
-                            now=self._clock(),
-                        ),
-                        self._t.refresh_deadline,
-                    )
-            except TimeoutError:
-                # The provider may still process the request: keep others off the
-                # (possibly rotated) refresh token until the lease runs out.
-                lease_must_expire = True
-                return await self._refresh_failed(
-                    record, TokenEndpointError.transport("token endpoint timed out")
-                )
-            except TokenEndpointError as err:
-                if err.kind is FailureKind.INVALID_GRANT:
-                    return await self._grant_rejected(record, err)
-                return await self._refresh_failed(record, err)
-            token, lock_released = await self._store_fresh(record, tokens, fresh, owner)
-            return token
-        finally:
-            if renewer is not None:
-                renewer.cancel()
-            if not lease_must_expire and not lock_released:
-                await self._release(account_id, owner)
+        except TokenEndpointError as err:
+            if err.kind is FailureKind.NOT_SENT:
+                run.sent = False
+            return err
+        return run.fresh
+
+    async def _write_refreshed(self, run: _Run, command: WriteRefreshed) -> Written:
+        record, old, fresh = run.record, run.tokens, run.fresh
+        assert record is not None
+        assert old is not None
+        assert fresh is not None
+        # Keep the old refresh token when the provider does not rotate it.
+        kept = StoredTokens(fresh.access_token, fresh.refresh_token or old.refresh_token)
+        with store_errors():
+            # A written refresh releases our lock in the same step: dying between
+            # two steps would leave the others waiting out the lease.
+            generation = await self._store.store_refreshed(
+                record.account_id,
+                expected_generation=command.expected_generation,
+                tokens=kept,
+                token_type=fresh.token_type,
+                expires_at=fresh.expires_at,
+                scopes=fresh.scopes,
+                now=self._clock(),
+                lock_owner=run.owner,
+                forced=command.forced,
+            )
+        await run.stop_renewing()
+        if generation == 0:
+            self._refresh_outcome(record.provider, "fenced")
+            log.warning(
+                "refreshed tokens fenced out by a newer generation",
+                extra={"account_id": record.account_id, "generation": record.generation},
+            )
+        else:
+            run.lock_settled = True
+            self._refresh_outcome(record.provider, "refreshed")
+            metrics.event("REFRESHED")
+            log.info(
+                "token refreshed",
+                extra={"account_id": record.account_id, "generation": generation},
+            )
+        return Written(generation)
+
+    async def _write_disconnect(self, run: _Run, command: WriteDisconnect) -> Written:
+        record = run.record
+        assert record is not None
+        self._refresh_outcome(record.provider, "invalid_grant")
+        with store_errors():
+            generation = await self._store.disconnect(
+                record.account_id,
+                reason=command.reason,
+                expected_generation=command.expected_generation,
+                now=self._clock(),
+            )
+        if generation:
+            metrics.event("DISCONNECTED")
+            log.warning(
+                "account disconnected: grant rejected by the provider",
+                extra={"account_id": record.account_id, "reason": command.reason},
+            )
+        return Written(generation)
+
+    async def _record_failure(self, run: _Run, command: RecordFailure) -> Written:
+        record = run.record
+        assert record is not None
+        self._refresh_outcome(record.provider, command.kind.value)
+        log.log(
+            failure_level(command.kind),
+            "token refresh failed; account kept",
+            extra={
+                "account_id": record.account_id,
+                "kind": command.kind.name,
+                "reason": command.reason,
+                "retry_in_seconds": round(command.retry_at - self._clock(), 3),
+            },
+        )
+        with store_errors():
+            failures = await self._store.record_refresh_failure(
+                record.account_id,
+                expected_generation=command.expected_generation,
+                reason=command.reason,
+                retry_at=command.retry_at,
+                now=self._clock(),
+                answer_lost=command.answer_lost,
+                forced=command.forced,
+            )
+        if failures:
+            metrics.event("REFRESH_FAILED")
+        return Written(failures)
 
     async def _renew_lease(self, account_id: str, owner: str) -> None:
         interval = self._t.lock_ttl / 3
@@ -537,92 +689,6 @@ class AuthService:
                 "could not release the refresh lock",
                 extra={"account_id": account_id, "error": type(exc).__name__},
             )
-
-    async def _store_fresh(
-        self, record: AccountRecord, old: StoredTokens, fresh: TokenSet, owner: str
-    ) -> tuple[Token, bool]:
-        """The token to serve, and whether the write released our lock."""
-        # Keep the old refresh token when the provider does not rotate it.
-        kept = StoredTokens(fresh.access_token, fresh.refresh_token or old.refresh_token)
-        with store_errors():
-            # A written refresh releases our lock in the same step: dying between
-            # two steps would leave the others waiting out the lease.
-            generation = await self._store.store_refreshed(
-                record.account_id,
-                expected_generation=record.generation,
-                tokens=kept,
-                token_type=fresh.token_type,
-                expires_at=fresh.expires_at,
-                scopes=fresh.scopes,
-                now=self._clock(),
-                lock_owner=owner,
-            )
-        if generation == 0:
-            self._refresh_outcome(record.provider, "fenced")
-            log.warning(
-                "refreshed tokens fenced out by a newer generation",
-                extra={"account_id": record.account_id, "generation": record.generation},
-            )
-            current = await self._read(record.account_id)
-            return self._serve_or_fail(current, "fenced out by a newer refresh"), False
-        self._refresh_outcome(record.provider, "refreshed")
-        metrics.event("REFRESHED")
-        log.info(
-            "token refreshed", extra={"account_id": record.account_id, "generation": generation}
-        )
-        return Token(fresh.access_token, fresh.token_type, fresh.expires_at, generation), True
-
-    async def _grant_rejected(self, record: AccountRecord, err: TokenEndpointError) -> Token:
-        reason = "invalid_grant: the provider no longer accepts this grant"
-        self._refresh_outcome(record.provider, "invalid_grant")
-        with store_errors():
-            generation = await self._store.disconnect(
-                record.account_id,
-                reason=reason,
-                expected_generation=record.generation,
-                now=self._clock(),
-            )
-        if generation == 0:
-            # Someone else moved the account on (refreshed or disconnected it).
-            current = await self._read(record.account_id)
-            return self._serve_or_fail(current, "grant rejected")
-        metrics.event("DISCONNECTED")
-        log.warning(
-            "account disconnected: grant rejected by the provider",
-            extra={"account_id": record.account_id, "error": err.error},
-        )
-        current = await self.get_account(record.account_id)
-        raise FailedPrecondition(disconnected_message(current))
-
-    async def _refresh_failed(self, record: AccountRecord, err: TokenEndpointError) -> Token:
-        self._refresh_outcome(record.provider, err.kind.value)
-        log.log(
-            failure_level(err),
-            "token refresh failed; account kept",
-            extra={
-                "account_id": record.account_id,
-                "kind": err.kind.name,
-                "error": err.error,
-                "status": err.status,
-            },
-        )
-        now = self._clock()
-        delay = backoff_delay(
-            min(record.failures, 16),
-            base=self._t.backoff_base,
-            cap=self._t.backoff_cap,
-            rng=self._rng,
-        )
-        with store_errors():
-            if await self._store.record_refresh_failure(
-                record.account_id,
-                expected_generation=record.generation,
-                reason=str(err),
-                retry_at=now + delay,
-                now=now,
-            ):
-                metrics.event("REFRESH_FAILED")
-        return self._serve_or_fail(record, str(err))
 
     # -- events -------------------------------------------------------------
 

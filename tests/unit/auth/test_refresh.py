@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from keyrelay.auth.core.refresh import (
     Decision,
     backoff_delay,
+    cooling_down,
     decide,
     remaining_ttl_ok,
     still_usable,
@@ -73,8 +74,8 @@ NOW = 100.0
     [
         (5, FRESH, 0.0, None, Decision.SERVE),
         (5, FRESH, 0.0, 0, Decision.SERVE),  # 0 means no report
-        (5, FRESH, 0.0, 5, Decision.REFRESH),  # the current token was rejected
-        (5, FRESH, 0.0, 6, Decision.REFRESH),  # a report from the future: refresh anyway
+        (5, FRESH, 0.0, 5, Decision.FORCED_REFRESH),  # the current token was rejected
+        (5, FRESH, 0.0, 6, Decision.FORCED_REFRESH),  # a report from the future: refresh anyway
         (5, FRESH, 0.0, 4, Decision.SERVE),  # already replaced by generation 5
         (5, FRESH, 0.0, -1, Decision.SERVE),
         (5, NOW + 10, 0.0, 4, Decision.REFRESH),  # replaced, but the new one is too old too
@@ -83,7 +84,8 @@ NOW = 100.0
         (5, NOW + 60, 120.0, None, Decision.REFRESH),  # the caller needs more than is left
         (5, NOW + 120, 120.0, None, Decision.SERVE),
         (5, NOW - 1, 0.0, None, Decision.REFRESH),  # expired
-        (1, FRESH, 0.0, 1, Decision.REFRESH),
+        (1, FRESH, 0.0, 1, Decision.FORCED_REFRESH),
+        (5, NOW + 10, 0.0, 5, Decision.FORCED_REFRESH),  # rejected and due anyway
         (0, FRESH, 0.0, 0, Decision.SERVE),  # 0 is "unset" even when generation is 0
     ],
 )
@@ -148,6 +150,7 @@ def test_decide_is_monotone_in_now(
 def test_a_report_about_the_current_generation_always_refreshes(
     generation: int, ahead: int, expires_at: float, now: float, min_ttl: float, skew: float
 ) -> None:
+    """Outside a cool-down (none configured, or never forced)."""
     decision = decide(
         generation=generation,
         expires_at=expires_at,
@@ -156,7 +159,7 @@ def test_a_report_about_the_current_generation_always_refreshes(
         skew=skew,
         stale_generation=generation + ahead,
     )
-    assert decision is Decision.REFRESH
+    assert decision is Decision.FORCED_REFRESH
 
 
 @given(
@@ -284,3 +287,51 @@ def test_wait_delay_grows_with_elapsed_and_respects_the_cap(
     second = wait_delay(late, base=base, cap=cap, rng=FixedRandom(draw))
     assert first <= second <= cap
     assert second >= min(cap, 0.5 * base)  # never a busy loop
+
+
+# --- the forced-refresh cool-down ----------------------------------------------------------
+
+COOLDOWN = 30.0
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "stale", "forced_at", "decision"),
+    [
+        (FRESH, 5, 0.0, Decision.FORCED_REFRESH),  # never forced: the first always goes
+        (FRESH, 5, NOW - 29.9, Decision.SERVE_COOLING),  # inside the cool-down
+        (FRESH, 5, NOW, Decision.SERVE_COOLING),
+        (FRESH, 5, NOW - COOLDOWN, Decision.FORCED_REFRESH),  # the cool-down is over
+        (FRESH, 5, NOW - 500, Decision.FORCED_REFRESH),
+        (FRESH, 5, NOW + 50, Decision.FORCED_REFRESH),  # forced "in the future": a clock step
+        (NOW + 10, 5, NOW - 1, Decision.REFRESH),  # cooling, but due anyway: a plain refresh
+        (FRESH, 4, NOW - 1, Decision.SERVE),  # about an older generation: no report at all
+        (FRESH, 0, NOW - 1, Decision.SERVE),
+        (NOW + 10, 0, NOW - 1, Decision.REFRESH),  # the cool-down never holds a due refresh
+    ],
+)
+def test_decide_with_the_forced_refresh_cooldown(
+    expires_at: float, stale: int, forced_at: float, decision: Decision
+) -> None:
+    got = decide(
+        generation=5,
+        expires_at=expires_at,
+        now=NOW,
+        min_ttl=0.0,
+        skew=30.0,
+        stale_generation=stale,
+        forced_at=forced_at,
+        forced_cooldown=COOLDOWN,
+    )
+    assert got is decision
+    assert got.serves is (decision in (Decision.SERVE, Decision.SERVE_COOLING))
+
+
+@given(forced_at=times, now=times, cooldown=durations)
+def test_cooling_down_never_outlasts_the_cooldown(
+    forced_at: float, now: float, cooldown: float
+) -> None:
+    if cooling_down(forced_at, now, cooldown):
+        assert forced_at > 0
+        assert 0 <= now - forced_at < cooldown
+    if cooldown == 0:
+        assert not cooling_down(forced_at, now, cooldown)

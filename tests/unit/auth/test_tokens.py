@@ -337,13 +337,21 @@ def test_non_string_description_is_ignored() -> None:
     assert exc.kind is FailureKind.INVALID_GRANT
 
 
-def test_transport_error() -> None:
-    exc = TokenEndpointError.transport("connect timeout after 10s")
-    assert exc.kind is FailureKind.TRANSIENT
-    assert (exc.status, exc.error, exc.description) == (None, None, None)
-    assert str(exc) == "token endpoint unreachable: connect timeout after 10s"
-    assert str(TokenEndpointError.transport("")) == "token endpoint unreachable: no answer"
-    assert str(TokenEndpointError.transport("a\r\nb")) == "token endpoint unreachable: ab"
+def test_not_sent_error() -> None:
+    exc = TokenEndpointError.not_sent("connect timeout after 5s")
+    assert exc.kind is FailureKind.NOT_SENT
+    assert (exc.status, exc.error, exc.description, exc.retry_after) == (None, None, None, None)
+    assert str(exc) == "token endpoint unreachable: connect timeout after 5s"
+    assert str(TokenEndpointError.not_sent("")) == "token endpoint unreachable: no answer"
+    assert str(TokenEndpointError.not_sent("a\r\nb")) == "token endpoint unreachable: ab"
+
+
+def test_answer_lost_error() -> None:
+    exc = TokenEndpointError.answer_lost("ReadError")
+    assert exc.kind is FailureKind.ANSWER_LOST
+    assert exc.status is None
+    assert str(exc) == "token endpoint answer lost: ReadError"
+    assert str(TokenEndpointError.answer_lost("")) == "token endpoint answer lost: no answer"
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,15 @@ answer                            kind             what the caller does
   anything else                   MISCONFIGURED    log loudly; keep the account
 4xx without a JSON ``error``      TRANSIENT        probably a proxy; retry
 1xx, 3xx, anything else           TRANSIENT        retry
-no answer (network, timeout)      TRANSIENT        :meth:`TokenEndpointError.transport`
+request never sent (DNS,          NOT_SENT         retry with backoff: the refresh
+  connect, TLS)                                      token was not presented
+sent, no complete answer (read    ANSWER_LOST      DESIGN §1.2.1: the provider may
+  timeout, cut, cancellation)                        have rotated the refresh token;
+                                                     the lease is left to expire
 ================================  ===============  ==============================
+
+A transient answer may carry ``Retry-After`` (:func:`retry_after_seconds`):
+it is kept on the error so the refresh machine waits at least that long.
 
 ``error`` is read from the JSON object's ``error`` member only: a substring
 search of the body would let an HTML error page that mentions "invalid_grant"
@@ -34,6 +41,7 @@ Pure functions: no I/O; ``now`` is passed in.
 
 from __future__ import annotations
 
+import email.utils
 import enum
 import json
 import math
@@ -44,10 +52,12 @@ from typing import Any
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_RETRY_AFTER_SECONDS",
     "FailureKind",
     "TokenEndpointError",
     "TokenSet",
     "parse_token_response",
+    "retry_after_seconds",
 ]
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -67,6 +77,9 @@ _HEADER_VALUE_RE = re.compile(r"[\x21-\x7e]+")
 _TCHAR_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _DIGITS_RE = re.compile(r"[0-9]{1,15}")
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# A provider's Retry-After is honoured up to this: a hostile or broken value
+# ("86400") must not keep an account from refreshing for a day.
+MAX_RETRY_AFTER_SECONDS = 600.0
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -101,6 +114,11 @@ class FailureKind(enum.Enum):
     """Try again later; the account stays connected."""
     MISCONFIGURED = "misconfigured"
     """Our client configuration is wrong: an operator must act; the account stays."""
+    NOT_SENT = "not_sent"
+    """No byte of the request left (DNS, connect, TLS): the refresh token is untouched."""
+    ANSWER_LOST = "answer_lost"
+    """The request may have reached the provider but no complete answer came back:
+    the provider may have rotated the refresh token in the answer we lost."""
 
 
 class TokenEndpointError(Exception):
@@ -108,13 +126,15 @@ class TokenEndpointError(Exception):
 
     ``status`` is None when there was no HTTP answer at all. ``error`` and
     ``description`` are the provider's ``error`` and ``error_description``
-    when it sent them, made printable and short.
+    when it sent them, made printable and short. ``retry_after`` is the
+    provider's ``Retry-After`` in seconds (capped), when a transient answer had one.
     """
 
     kind: FailureKind
     status: int | None
     error: str | None
     description: str | None
+    retry_after: float | None
 
     def __init__(
         self,
@@ -124,9 +144,11 @@ class TokenEndpointError(Exception):
         error: str | None = None,
         description: str | None = None,
         reason: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.kind = kind
         self.status = status
+        self.retry_after = retry_after
         self.error = None if error is None else _sanitize(error, _ERROR_CODE_MAX) or None
         self.description = (
             None if description is None else _sanitize(description, _DESCRIPTION_MAX) or None
@@ -135,11 +157,18 @@ class TokenEndpointError(Exception):
         super().__init__(self._message(reason))
 
     @classmethod
-    def transport(cls, reason: str) -> TokenEndpointError:
-        """No answer from the token endpoint (connection refused, timeout, TLS, ...)."""
-        return cls(FailureKind.TRANSIENT, reason=reason)
+    def not_sent(cls, reason: str) -> TokenEndpointError:
+        """The request never left (DNS, connection refused, connect or TLS failure)."""
+        return cls(FailureKind.NOT_SENT, reason=reason)
+
+    @classmethod
+    def answer_lost(cls, reason: str) -> TokenEndpointError:
+        """The request was (perhaps partly) sent and no complete answer arrived."""
+        return cls(FailureKind.ANSWER_LOST, reason=reason)
 
     def _message(self, reason: str | None) -> str:
+        if self.kind is FailureKind.ANSWER_LOST:
+            return f"token endpoint answer lost: {reason or 'no answer'}"
         if self.status is None:
             return f"token endpoint unreachable: {reason or 'no answer'}"
         message = f"token endpoint answered {self.status}"
@@ -159,12 +188,14 @@ def parse_token_response(
     now: float,
     requested_scopes: Sequence[str],
     default_expires_in: int = 3600,
+    retry_after: float | None = None,
 ) -> TokenSet:
     """Turn a token-endpoint answer into a TokenSet, or raise TokenEndpointError.
 
     ``requested_scopes`` are the granted scopes when the answer does not list
     any (RFC 6749 §5.1); ``default_expires_in`` is the lifetime assumed when it
-    has no ``expires_in``.
+    has no ``expires_in``; ``retry_after`` (seconds, from the answer's
+    ``Retry-After``) is kept on a TRANSIENT error.
     """
     payload, problem = _json_object(body, content_type)
     if 200 <= status < 300:
@@ -177,7 +208,13 @@ def parse_token_response(
         if error == "invalid_grant":
             kind = FailureKind.INVALID_GRANT
         elif error == "temporarily_unavailable":
-            kind = FailureKind.TRANSIENT
+            raise TokenEndpointError(
+                FailureKind.TRANSIENT,
+                status=status,
+                error=error,
+                description=description,
+                retry_after=retry_after,
+            )
         else:
             # invalid_client, unauthorized_client, unsupported_grant_type,
             # invalid_scope, invalid_request and extensions: none of them says
@@ -187,8 +224,35 @@ def parse_token_response(
     if error is None and problem is None:
         problem = "the answer has no OAuth error field"
     raise TokenEndpointError(
-        FailureKind.TRANSIENT, status=status, error=error, description=description, reason=problem
+        FailureKind.TRANSIENT,
+        status=status,
+        error=error,
+        description=description,
+        reason=problem,
+        retry_after=retry_after,
     )
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header (RFC 9110 §10.2.3) as seconds from ``now``, or None.
+
+    Delay-seconds or an HTTP-date; anything else (negative, fractional,
+    unparseable) is ignored. The result is capped at MAX_RETRY_AFTER_SECONDS.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DIGITS_RE.fullmatch(text):
+        seconds = float(int(text))
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # RFC 9110: an HTTP-date is always GMT
+            return None
+        seconds = max(0.0, when.timestamp() - now)
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def _json_object(body: bytes, content_type: str | None) -> tuple[dict[str, Any] | None, str | None]:

@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from keyrelay.auth.core.refresh import Timings
 from keyrelay.auth.provider_client import ProviderClient
 from keyrelay.auth.rpc.interceptors import AuthInterceptor, CallerAuthenticator
 from keyrelay.auth.rpc.servicer import AuthServicer
-from keyrelay.auth.service import AuthService, Timings
+from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -42,9 +43,16 @@ class RunningServer:
     web: WebServer | None = None  # [auth.web]: probes, metrics, the connect page
 
     async def stop(self, grace: float = 5.0) -> None:
+        """RPCs get ``grace`` seconds; a refresh whose token call is in flight is waited
+        for until its answer or its deadline (refresh_deadline_seconds), whatever the
+        grace: its answer may hold the only copy of a rotated refresh token."""
         await self.health.enter_graceful_shutdown()
         # The HTTP side stops with the gRPC server: both finish what is in flight.
-        await asyncio.gather(self.server.stop(grace), *([self.web.stop()] if self.web else []))
+        await asyncio.gather(
+            self.server.stop(grace),
+            self.service.drain(),
+            *([self.web.stop()] if self.web else []),
+        )
         await self.client.aclose()
         await self.store.close()
         if self.owns_tracer:
@@ -56,10 +64,12 @@ def timings_of(config: AuthConfig) -> Timings:
         flow_ttl=config.flow_ttl_seconds,
         skew=config.skew_seconds,
         lock_ttl=config.lock_ttl_seconds,
+        token_timeout=config.token_timeout_seconds,
         refresh_deadline=config.refresh_deadline_seconds,
         wait_for_refresh=config.wait_for_refresh_seconds,
         backoff_base=config.refresh_backoff_base_seconds,
         backoff_cap=config.refresh_backoff_cap_seconds,
+        forced_refresh_cooldown=config.forced_refresh_cooldown_seconds,
     )
 
 

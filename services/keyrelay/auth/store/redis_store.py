@@ -38,17 +38,27 @@ from keyrelay.auth.store.crypto import TokenCipher
 CONNECTED: Final = "connected"
 DISCONNECTED: Final = "disconnected"
 
+# Every script that appends an event or bumps a generation takes an operation id
+# (random, one per call) and stores it in the account hash as 'op'. redis-py re-sends
+# a command whose connection broke (retry_on_error), and a reply can be lost after the
+# script ran: the re-sent script then finds its own op id and answers as the first run
+# did, without a second event, bump or failure count (DESIGN §1.2.1).
+
 # KEYS: [1] account hash, [2] accounts set, [3] event stream
 # ARGV: [1] account id, [2] provider, [3] scopes, [4] connected_at (unix s),
-#       [5] expires_at, [6] token_type, [7] tokens blob, [8] stream maxlen, [9] event time (ms)
+#       [5] expires_at, [6] token_type, [7] tokens blob, [8] stream maxlen, [9] event time (ms),
+#       [10] operation id
 # Returns the new generation: one more than any generation the account had before,
 # so tokens of an earlier connection can never pass a fencing check.
 _CONNECT = """
+if redis.call('HGET', KEYS[1], 'op') == ARGV[10] then
+  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
+end
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') + 1
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'provider', ARGV[2], 'status', 'connected', 'scopes', ARGV[3],
   'connected_at', ARGV[4], 'expires_at', ARGV[5], 'token_type', ARGV[6], 'tokens', ARGV[7],
-  'generation', gen, 'failures', 0, 'retry_at', 0)
+  'generation', gen, 'failures', 0, 'retry_at', 0, 'op', ARGV[10])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'account_id', ARGV[1],
   'kind', 'CONNECTED', 'reason', '', 'generation', gen, 'at', ARGV[9])
@@ -58,35 +68,48 @@ return gen
 # KEYS: [1] account hash, [2] event stream, [3] the refresh lock (optional)
 # ARGV: [1] account id, [2] generation read before the token call, [3] expires_at,
 #       [4] token_type, [5] tokens blob, [6] scopes, [7] stream maxlen, [8] event time (ms),
-#       [9] the holder's lock owner token (with KEYS[3])
+#       [9] operation id, [10] forced_at ('' unless a forced refresh), [11] the holder's
+#       lock owner token (with KEYS[3])
 # Returns the new generation, or 0 when fenced out (disconnected, or another
 # holder already wrote a newer generation): then nothing is written. A written
 # refresh releases the holder's lock in the same step: a holder that dies right
 # after the write leaves no lease for the other replicas to wait out.
 _REFRESH = """
+local function release()
+  if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[11] then redis.call('DEL', KEYS[3]) end
+end
+if redis.call('HGET', KEYS[1], 'op') == ARGV[9] then
+  release()
+  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
+end
 if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return 0 end
 local gen = tonumber(ARGV[2]) + 1
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[3], 'token_type', ARGV[4], 'tokens', ARGV[5],
-  'scopes', ARGV[6], 'generation', gen, 'failures', 0, 'retry_at', 0, 'last_error', '')
+  'scopes', ARGV[6], 'generation', gen, 'failures', 0, 'retry_at', 0, 'last_error', '',
+  'answer_lost', 0, 'op', ARGV[9])
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[10]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'account_id', ARGV[1],
   'kind', 'REFRESHED', 'reason', '', 'generation', gen, 'at', ARGV[8])
-if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
+release()
 return gen
 """
 
 # KEYS: [1] account hash, [2] event stream
 # ARGV: [1] account id, [2] expected generation ('' = whatever it is: a user's
-#       disconnect), [3] reason, [4] stream maxlen, [5] event time (ms)
+#       disconnect), [3] reason, [4] stream maxlen, [5] event time (ms), [6] operation id
 # Returns the new generation, or 0 when nothing changed (already disconnected,
 # or fenced out): so exactly one DISCONNECTED event per disconnection.
 _DISCONNECT = """
+if redis.call('HGET', KEYS[1], 'op') == ARGV[6] then
+  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
+end
 if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
 local current = redis.call('HGET', KEYS[1], 'generation')
 if ARGV[2] ~= '' and current ~= ARGV[2] then return 0 end
 local gen = tonumber(current) + 1
 redis.call('HSET', KEYS[1], 'status', 'disconnected', 'disconnect_reason', ARGV[3],
-  'generation', gen, 'last_error', '')
+  'generation', gen, 'last_error', '', 'op', ARGV[6])
 redis.call('HDEL', KEYS[1], 'tokens', 'expires_at', 'token_type')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'account_id', ARGV[1],
   'kind', 'DISCONNECTED', 'reason', ARGV[3], 'generation', gen, 'at', ARGV[5])
@@ -95,16 +118,49 @@ return gen
 
 # KEYS: [1] account hash, [2] event stream
 # ARGV: [1] account id, [2] generation read before the token call, [3] reason,
-#       [4] retry_at (unix s, no new attempt before), [5] stream maxlen, [6] event time (ms)
+#       [4] retry_at (unix s, no new attempt before), [5] stream maxlen, [6] event time (ms),
+#       [7] operation id, [8] answer_lost (1 or 0), [9] forced_at ('' unless forced)
 # Returns the failure count, or 0 when the account moved on meanwhile.
 _REFRESH_FAILED = """
+if redis.call('HGET', KEYS[1], 'op') == ARGV[7] then
+  return tonumber(redis.call('HGET', KEYS[1], 'failures'))
+end
 if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return 0 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-redis.call('HSET', KEYS[1], 'last_error', ARGV[3], 'retry_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'last_error', ARGV[3], 'retry_at', ARGV[4], 'op', ARGV[7])
+-- Once an answer is lost the flag stays until a refresh succeeds: a later failure
+-- (the provider down meanwhile) does not make the loss forgotten.
+if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'answer_lost', 1) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[9]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'account_id', ARGV[1],
   'kind', 'REFRESH_FAILED', 'reason', ARGV[3], 'generation', ARGV[2], 'at', ARGV[6])
 return failures
+"""
+
+# KEYS: [1] lock key.  ARGV: [1] owner token, [2] TTL (ms).
+# SET NX PX that a re-sent copy cannot turn into "busy": the owner who already holds
+# the lock gets it again (its lease restarted). Returns 1 when ARGV[1] holds the lock.
+_TRY_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: [1] flow key, [2] the claim key of this claimer.  ARGV: [1] claim TTL (ms).
+# Takes the flow out of the store for one claimer. The blob moves to a key named
+# after the claimer (a random id) for a short while, so a re-sent claim of the same
+# claimer gets the flow again, and any other claimer finds nothing.
+_CLAIM_FLOW = """
+local claimed = redis.call('GET', KEYS[2])
+if claimed then return claimed end
+local blob = redis.call('GET', KEYS[1])
+if not blob then return false end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], blob, 'PX', ARGV[1])
+return blob
 """
 
 # KEYS: [1] lock key.  ARGV: [1] owner token.
@@ -164,7 +220,7 @@ def open_client(target: DirectUrl | SentinelUrl) -> tuple[redis.Redis, Sentinel 
         "username": target.sentinel_username,
         "password": target.sentinel_password,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # annotated only in newer redis-py
         list(target.sentinels), sentinel_kwargs=sentinel_options
     )
     client = sentinel.master_for(
@@ -199,6 +255,8 @@ class AccountRecord:
     failures: int
     retry_at: float
     tokens_blob: bytes | None = field(repr=False)
+    forced_at: float = 0.0
+    answer_lost: bool = False
 
     @property
     def connected(self) -> bool:
@@ -224,6 +282,16 @@ class StoredEvent:
     reason: str
     generation: int
     at_ms: int
+
+
+# A claimed flow stays readable by its claimer for this long: time enough for a
+# re-sent claim, far less than a flow's life. It holds only what the flow held.
+CLAIM_TTL_MS = 60_000
+
+
+def _operation_id() -> str:
+    """A fresh id for one write, kept by the script so that a re-sent copy is recognised."""
+    return secrets.token_hex(8)
 
 
 def _text(value: bytes | None) -> str:
@@ -258,6 +326,8 @@ class RedisStore:
         self._refresh_failed = client.register_script(_REFRESH_FAILED)
         self._release = client.register_script(_RELEASE)
         self._extend = client.register_script(_EXTEND)
+        self._try_lock = client.register_script(_TRY_LOCK)
+        self._claim_flow = client.register_script(_CLAIM_FLOW)
 
     @classmethod
     def from_url(
@@ -325,6 +395,8 @@ class RedisStore:
             failures=int(_number(raw.get(b"failures"))),
             retry_at=_number(raw.get(b"retry_at")),
             tokens_blob=raw.get(b"tokens"),
+            forced_at=_number(raw.get(b"forced_at")),
+            answer_lost=raw.get(b"answer_lost") == b"1",
         )
 
     async def list_account_ids(self) -> list[str]:
@@ -364,6 +436,7 @@ class RedisStore:
                 self._seal_tokens(account_id, tokens),
                 self._maxlen,
                 int(now * 1000),
+                _operation_id(),
             ],
         )
         return int(result)
@@ -379,10 +452,12 @@ class RedisStore:
         scopes: Sequence[str],
         now: float,
         lock_owner: str | None = None,
+        forced: bool = False,
     ) -> int:
         """Fenced write; returns the new generation or 0 when fenced out.
 
         With ``lock_owner``, a successful write also releases that holder's lock.
+        ``forced``: a forced refresh, whose time starts the forced-refresh cool-down.
         """
         keys = [self._account_key(account_id), self.events_stream]
         args: list[str | int | bytes] = [
@@ -394,6 +469,8 @@ class RedisStore:
             " ".join(scopes),
             self._maxlen,
             int(now * 1000),
+            _operation_id(),
+            repr(now) if forced else "",
         ]
         if lock_owner is not None:
             keys.append(self.lock_key(account_id))
@@ -408,13 +485,26 @@ class RedisStore:
         expected = "" if expected_generation is None else str(expected_generation)
         result = await self._disconnect(
             keys=[self._account_key(account_id), self.events_stream],
-            args=[account_id, expected, reason, self._maxlen, int(now * 1000)],
+            args=[account_id, expected, reason, self._maxlen, int(now * 1000), _operation_id()],
         )
         return int(result)
 
     async def record_refresh_failure(
-        self, account_id: str, *, expected_generation: int, reason: str, retry_at: float, now: float
+        self,
+        account_id: str,
+        *,
+        expected_generation: int,
+        reason: str,
+        retry_at: float,
+        now: float,
+        answer_lost: bool = False,
+        forced: bool = False,
     ) -> int:
+        """Fenced REFRESH_FAILED; returns the failure count or 0 when the account moved on.
+
+        ``answer_lost`` marks the account until a refresh succeeds (a later
+        ``invalid_grant`` then says why); ``forced`` starts the forced-refresh cool-down.
+        """
         result = await self._refresh_failed(
             keys=[self._account_key(account_id), self.events_stream],
             args=[
@@ -424,6 +514,9 @@ class RedisStore:
                 repr(retry_at),
                 self._maxlen,
                 int(now * 1000),
+                _operation_id(),
+                "1" if answer_lost else "0",
+                repr(now) if forced else "",
             ],
         )
         return int(result)
@@ -431,10 +524,10 @@ class RedisStore:
     # -- the refresh lock ---------------------------------------------------
 
     async def try_lock(self, account_id: str, ttl_seconds: float) -> str | None:
-        """``SET NX PX``; returns the owner token when acquired."""
+        """``SET NX PX`` (safe to re-send); returns the owner token when acquired."""
         owner = secrets.token_hex(16)
-        acquired = await self._redis.set(
-            self.lock_key(account_id), owner, nx=True, px=max(1, int(ttl_seconds * 1000))
+        acquired = await self._try_lock(
+            keys=[self.lock_key(account_id)], args=[owner, max(1, int(ttl_seconds * 1000))]
         )
         return owner if acquired else None
 
@@ -473,8 +566,13 @@ class RedisStore:
         return None if blob is None else self._open_flow(flow_id, blob)
 
     async def claim_flow(self, flow_id: str) -> FlowRecord | None:
-        """Atomically takes the flow out of the store: only one caller can use it."""
-        blob = cast(bytes | None, await self._redis.getdel(self._flow_key(flow_id)))
+        """Atomically takes the flow out of the store: only one caller can use it (a
+        re-sent claim of the same call gets it again; see _CLAIM_FLOW)."""
+        claim_key = f"{self._flow_key(flow_id)}:claimed:{_operation_id()}"
+        blob = cast(
+            bytes | None,
+            await self._claim_flow(keys=[self._flow_key(flow_id), claim_key], args=[CLAIM_TTL_MS]),
+        )
         return None if blob is None else self._open_flow(flow_id, blob)
 
     async def delete_flow(self, flow_id: str) -> bool:
