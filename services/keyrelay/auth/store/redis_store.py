@@ -4,10 +4,15 @@ Keys (``P`` is the configured prefix, default ``keyrelay:``)::
 
     P account:<id>   hash   provider, status, scopes, connected_at, expires_at,
                             token_type, tokens (encrypted blob), generation,
-                            disconnect_reason, last_error, failures, retry_at
+                            disconnect_reason, last_error, failures, retry_at,
+                            forced_at (last forced refresh), answer_lost (1 after a
+                            lost refresh answer, until a refresh succeeds)
     P accounts       set    every account id ever connected
     P flow:<id>      string encrypted flow (PKCE verifier, state, ...), PX = flow TTL
     P lock:<id>      string owner token of the refresh lock, PX = lock TTL
+    P flow:<id>:claimed:<op>  the flow a claim took, for its re-sent copy (TAKE_ONCE)
+    P op:<op>        string the result of one event-appending write, for its re-sent
+                            copy (OPERATION_TTL_MS; see _ONCE)
     <events stream>  stream one entry per state change, MAXLEN ~ events_maxlen
 
 Every state change and the event reporting it are written by one Lua script,
@@ -29,6 +34,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,105 +44,112 @@ from keyrelay.auth.store.crypto import TokenCipher
 CONNECTED: Final = "connected"
 DISCONNECTED: Final = "disconnected"
 
-# Every script that appends an event or bumps a generation takes an operation id
-# (random, one per call) and stores it in the account hash as 'op'. redis-py re-sends
-# a command whose connection broke (retry_on_error), and a reply can be lost after the
-# script ran: the re-sent script then finds its own op id and answers as the first run
-# did, without a second event, bump or failure count (DESIGN §1.2.1).
+# Every script that appends an event or bumps a generation is given an operation key
+# (``P op:<random id>``, one per call, always its last KEY). redis-py re-sends a command
+# whose connection broke (retry_on_error), and a reply can be lost after the script
+# ran: the re-sent copy then finds the key, which holds the first run's result, and
+# returns that without a second event, bump or failure count (DESIGN §1.2.1). The key
+# outlives every retry (OPERATION_TTL_MS); it is never read otherwise.
+_ONCE = """
+local op = KEYS[#KEYS]
+local first = redis.call('GET', op)
+if first then return tonumber(first) end
+local function done(result)
+  redis.call('SET', op, result, 'PX', ARGV[#ARGV])
+  return result
+end
+"""
 
-# KEYS: [1] account hash, [2] accounts set, [3] event stream
+# KEYS: [1] account hash, [2] accounts set, [3] event stream, [4] operation key
 # ARGV: [1] account id, [2] provider, [3] scopes, [4] connected_at (unix s),
 #       [5] expires_at, [6] token_type, [7] tokens blob, [8] stream maxlen, [9] event time (ms),
-#       [10] operation id
+#       [10] operation key TTL (ms)
 # Returns the new generation: one more than any generation the account had before,
 # so tokens of an earlier connection can never pass a fencing check.
-_CONNECT = """
-if redis.call('HGET', KEYS[1], 'op') == ARGV[10] then
-  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
-end
+_CONNECT = (
+    _ONCE
+    + """
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') + 1
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'provider', ARGV[2], 'status', 'connected', 'scopes', ARGV[3],
   'connected_at', ARGV[4], 'expires_at', ARGV[5], 'token_type', ARGV[6], 'tokens', ARGV[7],
-  'generation', gen, 'failures', 0, 'retry_at', 0, 'op', ARGV[10])
+  'generation', gen, 'failures', 0, 'retry_at', 0)
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'account_id', ARGV[1],
   'kind', 'CONNECTED', 'reason', '', 'generation', gen, 'at', ARGV[9])
-return gen
+return done(gen)
 """
+)
 
-# KEYS: [1] account hash, [2] event stream, [3] the refresh lock (optional)
+# KEYS: [1] account hash, [2] event stream, [3] the refresh lock, [4] operation key
 # ARGV: [1] account id, [2] generation read before the token call, [3] expires_at,
 #       [4] token_type, [5] tokens blob, [6] scopes, [7] stream maxlen, [8] event time (ms),
-#       [9] operation id, [10] forced_at ('' unless a forced refresh), [11] the holder's
-#       lock owner token (with KEYS[3])
+#       [9] forced_at ('' unless a forced refresh), [10] the holder's lock owner token
+#       ('' for none), [11] operation key TTL (ms)
 # Returns the new generation, or 0 when fenced out (disconnected, or another
 # holder already wrote a newer generation): then nothing is written. A written
 # refresh releases the holder's lock in the same step: a holder that dies right
 # after the write leaves no lease for the other replicas to wait out.
-_REFRESH = """
-local function release()
-  if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[11] then redis.call('DEL', KEYS[3]) end
-end
-if redis.call('HGET', KEYS[1], 'op') == ARGV[9] then
-  release()
-  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
-end
-if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
-if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return 0 end
+_REFRESH = (
+    _ONCE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return done(0) end
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return done(0) end
 local gen = tonumber(ARGV[2]) + 1
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[3], 'token_type', ARGV[4], 'tokens', ARGV[5],
   'scopes', ARGV[6], 'generation', gen, 'failures', 0, 'retry_at', 0, 'last_error', '',
-  'answer_lost', 0, 'op', ARGV[9])
-if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[10]) end
+  'answer_lost', 0)
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[9]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'account_id', ARGV[1],
   'kind', 'REFRESHED', 'reason', '', 'generation', gen, 'at', ARGV[8])
-release()
-return gen
+if ARGV[10] ~= '' and redis.call('GET', KEYS[3]) == ARGV[10] then redis.call('DEL', KEYS[3]) end
+return done(gen)
 """
+)
 
-# KEYS: [1] account hash, [2] event stream
+# KEYS: [1] account hash, [2] event stream, [3] operation key
 # ARGV: [1] account id, [2] expected generation ('' = whatever it is: a user's
-#       disconnect), [3] reason, [4] stream maxlen, [5] event time (ms), [6] operation id
+#       disconnect), [3] reason, [4] stream maxlen, [5] event time (ms),
+#       [6] operation key TTL (ms)
 # Returns the new generation, or 0 when nothing changed (already disconnected,
 # or fenced out): so exactly one DISCONNECTED event per disconnection.
-_DISCONNECT = """
-if redis.call('HGET', KEYS[1], 'op') == ARGV[6] then
-  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
-end
-if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
+_DISCONNECT = (
+    _ONCE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return done(0) end
 local current = redis.call('HGET', KEYS[1], 'generation')
-if ARGV[2] ~= '' and current ~= ARGV[2] then return 0 end
+if ARGV[2] ~= '' and current ~= ARGV[2] then return done(0) end
 local gen = tonumber(current) + 1
 redis.call('HSET', KEYS[1], 'status', 'disconnected', 'disconnect_reason', ARGV[3],
-  'generation', gen, 'last_error', '', 'op', ARGV[6])
+  'generation', gen, 'last_error', '')
 redis.call('HDEL', KEYS[1], 'tokens', 'expires_at', 'token_type')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'account_id', ARGV[1],
   'kind', 'DISCONNECTED', 'reason', ARGV[3], 'generation', gen, 'at', ARGV[5])
-return gen
+return done(gen)
 """
+)
 
-# KEYS: [1] account hash, [2] event stream
+# KEYS: [1] account hash, [2] event stream, [3] operation key
 # ARGV: [1] account id, [2] generation read before the token call, [3] reason,
 #       [4] retry_at (unix s, no new attempt before), [5] stream maxlen, [6] event time (ms),
-#       [7] operation id, [8] answer_lost (1 or 0), [9] forced_at ('' unless forced)
+#       [7] answer_lost (1 or 0), [8] forced_at ('' unless forced), [9] operation key TTL (ms)
 # Returns the failure count, or 0 when the account moved on meanwhile.
-_REFRESH_FAILED = """
-if redis.call('HGET', KEYS[1], 'op') == ARGV[7] then
-  return tonumber(redis.call('HGET', KEYS[1], 'failures'))
-end
-if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return 0 end
-if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return 0 end
+_REFRESH_FAILED = (
+    _ONCE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'connected' then return done(0) end
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then return done(0) end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-redis.call('HSET', KEYS[1], 'last_error', ARGV[3], 'retry_at', ARGV[4], 'op', ARGV[7])
+redis.call('HSET', KEYS[1], 'last_error', ARGV[3], 'retry_at', ARGV[4])
 -- Once an answer is lost the flag stays until a refresh succeeds: a later failure
 -- (the provider down meanwhile) does not make the loss forgotten.
-if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'answer_lost', 1) end
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[9]) end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'answer_lost', 1) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'forced_at', ARGV[8]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'account_id', ARGV[1],
   'kind', 'REFRESH_FAILED', 'reason', ARGV[3], 'generation', ARGV[2], 'at', ARGV[6])
-return failures
+return done(failures)
 """
+)
 
 # KEYS: [1] lock key.  ARGV: [1] owner token, [2] TTL (ms).
 # SET NX PX that a re-sent copy cannot turn into "busy": the owner who already holds
@@ -149,11 +162,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# KEYS: [1] flow key, [2] the claim key of this claimer.  ARGV: [1] claim TTL (ms).
-# Takes the flow out of the store for one claimer. The blob moves to a key named
-# after the claimer (a random id) for a short while, so a re-sent claim of the same
-# claimer gets the flow again, and any other claimer finds nothing.
-_CLAIM_FLOW = """
+# KEYS: [1] a key to take, [2] the claim key of this taker.  ARGV: [1] claim TTL (ms).
+# GETDEL that a re-sent copy cannot turn into "gone": the value moves to a key named
+# after the taker (a random id) for a short while, so a re-sent take of the same
+# call gets it again, and any other taker finds nothing. (Flows, web login states.)
+TAKE_ONCE = """
 local claimed = redis.call('GET', KEYS[2])
 if claimed then return claimed end
 local blob = redis.call('GET', KEYS[1])
@@ -289,8 +302,18 @@ class StoredEvent:
 CLAIM_TTL_MS = 60_000
 
 
+async def take_once(script: AsyncScript, key: str) -> bytes | None:
+    """Runs TAKE_ONCE (registered as ``script``) on ``key``."""
+    claim_key = f"{key}:claimed:{_operation_id()}"
+    return cast(bytes | None, await script(keys=[key, claim_key], args=[CLAIM_TTL_MS]))
+
+
+# An operation key (see _ONCE) outlives redis-py's retries (seconds) by far.
+OPERATION_TTL_MS = 300_000
+
+
 def _operation_id() -> str:
-    """A fresh id for one write, kept by the script so that a re-sent copy is recognised."""
+    """A fresh id for one write, so that a re-sent copy of it is recognised."""
     return secrets.token_hex(8)
 
 
@@ -327,7 +350,7 @@ class RedisStore:
         self._release = client.register_script(_RELEASE)
         self._extend = client.register_script(_EXTEND)
         self._try_lock = client.register_script(_TRY_LOCK)
-        self._claim_flow = client.register_script(_CLAIM_FLOW)
+        self._take_once = client.register_script(TAKE_ONCE)
 
     @classmethod
     def from_url(
@@ -371,6 +394,9 @@ class RedisStore:
 
     def lock_key(self, account_id: str) -> str:
         return f"{self._prefix}lock:{account_id}"
+
+    def _operation_key(self) -> str:
+        return f"{self._prefix}op:{_operation_id()}"
 
     def _flow_key(self, flow_id: str) -> str:
         return f"{self._prefix}flow:{flow_id}"
@@ -425,7 +451,12 @@ class RedisStore:
         now: float,
     ) -> int:
         result = await self._connect(
-            keys=[self._account_key(account_id), self._accounts_key, self.events_stream],
+            keys=[
+                self._account_key(account_id),
+                self._accounts_key,
+                self.events_stream,
+                self._operation_key(),
+            ],
             args=[
                 account_id,
                 provider,
@@ -436,7 +467,7 @@ class RedisStore:
                 self._seal_tokens(account_id, tokens),
                 self._maxlen,
                 int(now * 1000),
-                _operation_id(),
+                OPERATION_TTL_MS,
             ],
         )
         return int(result)
@@ -459,23 +490,27 @@ class RedisStore:
         With ``lock_owner``, a successful write also releases that holder's lock.
         ``forced``: a forced refresh, whose time starts the forced-refresh cool-down.
         """
-        keys = [self._account_key(account_id), self.events_stream]
-        args: list[str | int | bytes] = [
-            account_id,
-            str(expected_generation),
-            repr(expires_at),
-            token_type,
-            self._seal_tokens(account_id, tokens),
-            " ".join(scopes),
-            self._maxlen,
-            int(now * 1000),
-            _operation_id(),
-            repr(now) if forced else "",
-        ]
-        if lock_owner is not None:
-            keys.append(self.lock_key(account_id))
-            args.append(lock_owner)
-        result = await self._refresh(keys=keys, args=args)
+        result = await self._refresh(
+            keys=[
+                self._account_key(account_id),
+                self.events_stream,
+                self.lock_key(account_id),
+                self._operation_key(),
+            ],
+            args=[
+                account_id,
+                str(expected_generation),
+                repr(expires_at),
+                token_type,
+                self._seal_tokens(account_id, tokens),
+                " ".join(scopes),
+                self._maxlen,
+                int(now * 1000),
+                repr(now) if forced else "",
+                lock_owner or "",
+                OPERATION_TTL_MS,
+            ],
+        )
         return int(result)
 
     async def disconnect(
@@ -484,8 +519,8 @@ class RedisStore:
         """Fenced unless ``expected_generation`` is None; returns the new generation or 0."""
         expected = "" if expected_generation is None else str(expected_generation)
         result = await self._disconnect(
-            keys=[self._account_key(account_id), self.events_stream],
-            args=[account_id, expected, reason, self._maxlen, int(now * 1000), _operation_id()],
+            keys=[self._account_key(account_id), self.events_stream, self._operation_key()],
+            args=[account_id, expected, reason, self._maxlen, int(now * 1000), OPERATION_TTL_MS],
         )
         return int(result)
 
@@ -506,7 +541,7 @@ class RedisStore:
         ``invalid_grant`` then says why); ``forced`` starts the forced-refresh cool-down.
         """
         result = await self._refresh_failed(
-            keys=[self._account_key(account_id), self.events_stream],
+            keys=[self._account_key(account_id), self.events_stream, self._operation_key()],
             args=[
                 account_id,
                 str(expected_generation),
@@ -514,9 +549,9 @@ class RedisStore:
                 repr(retry_at),
                 self._maxlen,
                 int(now * 1000),
-                _operation_id(),
                 "1" if answer_lost else "0",
                 repr(now) if forced else "",
+                OPERATION_TTL_MS,
             ],
         )
         return int(result)
@@ -567,12 +602,8 @@ class RedisStore:
 
     async def claim_flow(self, flow_id: str) -> FlowRecord | None:
         """Atomically takes the flow out of the store: only one caller can use it (a
-        re-sent claim of the same call gets it again; see _CLAIM_FLOW)."""
-        claim_key = f"{self._flow_key(flow_id)}:claimed:{_operation_id()}"
-        blob = cast(
-            bytes | None,
-            await self._claim_flow(keys=[self._flow_key(flow_id), claim_key], args=[CLAIM_TTL_MS]),
-        )
+        re-sent claim of the same call gets it again; see TAKE_ONCE)."""
+        blob = await take_once(self._take_once, self._flow_key(flow_id))
         return None if blob is None else self._open_flow(flow_id, blob)
 
     async def delete_flow(self, flow_id: str) -> bool:
@@ -610,9 +641,11 @@ class RedisStore:
 __all__ = [
     "CONNECTED",
     "DISCONNECTED",
+    "TAKE_ONCE",
     "AccountRecord",
     "FlowRecord",
     "RedisStore",
     "StoredEvent",
     "StoredTokens",
+    "take_once",
 ]

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 
+from keyrelay.auth.store.redis_store import TAKE_ONCE, take_once
 from keyrelay.auth.web.pages import Flash, PendingView
 
 # KEYS: [1] session hash.  ARGV: [1] field, [2] value.
@@ -83,6 +84,7 @@ class SessionStore:
         self._prefix = prefix
         self._ttl_ms = int(ttl_seconds * 1000)
         self._hset = client.register_script(_HSET_IF_EXISTS)
+        self._take_once = client.register_script(TAKE_ONCE)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self._prefix}web:session:{digest(session_id)}"
@@ -174,7 +176,9 @@ class SessionStore:
         """The session and flow a callback's ``state`` belongs to; each state works once."""
         if not state or len(state) > 512:
             return None
-        raw = cast(bytes | None, await self._redis.getdel(self._state_key(state)))
+        # Not GETDEL: a copy re-sent after a lost reply would find nothing and turn a
+        # valid callback into "state mismatch" (DESIGN §1.2.1).
+        raw = await take_once(self._take_once, self._state_key(state))
         if raw is None:
             return None
         index = json.loads(raw)
