@@ -369,6 +369,18 @@ def test_configs_parse_with_keyrelays_own_parsers(overlay: str) -> None:
         assert not any(path.endswith("tls.key") for path in gw_files)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_auth_pods_outlive_a_refresh_in_flight(overlay: str) -> None:
+    """SIGTERM waits for a token call in flight up to refresh_deadline_seconds (its answer
+    may hold the only copy of a rotated refresh token): the grace covers the preStop pause,
+    that deadline and the fenced write after it."""
+    objs = rendered(overlay)
+    workload, ctr, _, auth = _service_config(objs, "keyrelay-auth")
+    pause = int(ctr["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace = pod_spec(workload)["terminationGracePeriodSeconds"]
+    assert grace >= pause + auth.refresh_deadline_seconds + 5, (grace, pause)
+
+
 def test_config_check_catches_an_unmounted_secret_file() -> None:
     objs = rendered("local-redis")
     auth = get(objs, "Deployment", "keyrelay-auth")

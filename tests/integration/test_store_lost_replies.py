@@ -275,7 +275,7 @@ async def test_a_resent_write_is_recognised_after_another_write_landed_in_betwee
     """The operation key, not a field of the account, remembers the first run: a re-sent
     failure record that arrives after another replica's write still counts once."""
     await connect(direct, "acct")
-    op_key = direct._operation_key()
+    op_key = direct.new_operation()
 
     async def record_failure(op: str) -> int:
         # Exactly what record_refresh_failure sends, with the operation key fixed.
@@ -291,7 +291,7 @@ async def test_a_resent_write_is_recognised_after_another_write_landed_in_betwee
         return int(await direct._refresh_failed(keys=keys, args=[*args, "0", "", 60_000]))
 
     assert await record_failure(op_key) == 1
-    assert await record_failure(direct._operation_key()) == 2  # another write, in between
+    assert await record_failure(direct.new_operation()) == 2  # another write, in between
     assert await record_failure(op_key) == 1  # the re-sent first one: its first answer
     failures = [e for e in await events(direct, "acct") if e[0] == "REFRESH_FAILED"]
     assert len(failures) == 2

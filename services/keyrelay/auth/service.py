@@ -4,21 +4,18 @@ The gRPC servicer only converts messages and calls into ``AuthService``; the
 decisions come from ``core`` (pure), the state from ``RedisStore`` and the
 token calls from ``ProviderClient``.
 
-How ``get_token`` keeps to one refresh per expiry across replicas (§1.2):
+How ``get_token`` refreshes (§1.2, §1.2.1): every decision is taken by
+``core.refresh.RefreshAttempt``, a state machine without I/O; this module is its
+driver. It carries out the machine's commands (Redis reads and scripts, the token
+call, sleeps), renews the lock's lease while a token call runs, and hands the
+outcomes back with the time.
 
-1. Fast path: one ``HGETALL``; a fresh token is decrypted and returned.
-2. In a replica, concurrent callers for one account share one refresh task
-   (so one replica waits on Redis once, not once per caller).
-3. Across replicas, the task takes ``lock:<account>`` with ``SET NX PX``. The
-   holder re-reads, calls the token endpoint while a background task renews
-   its lease, and writes through the fenced Lua script: a holder that stalled
-   past its lease cannot overwrite a newer generation.
-4. A replica without the lock never calls the token endpoint while the lock
-   exists: it polls (jittered) until the generation moves or the lock goes.
-5. A failed refresh sets ``retry_at`` (exponential backoff with jitter) so the
-   next callers serve the still-valid token or fail fast instead of hammering
-   a struggling provider. Only ``invalid_grant`` disconnects, and only through
-   the fenced script.
+1. Fast path: the machine's first step runs inline: one ``HGETALL`` and a fresh
+   token is decrypted and returned.
+2. In a replica, concurrent callers of an account share one attempt (a task no
+   caller can cancel); a caller whose own needs the shared result does not meet
+   runs one attempt of its own.
+3. ``drain`` (SIGTERM) stops new token calls and waits for those in flight.
 """
 
 from __future__ import annotations
@@ -90,6 +87,8 @@ FLOW_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # shorter-lived tokens; an hour is the common access-token lifetime.
 MAX_MIN_TTL_SECONDS = 3600
 DEFAULT_TIMINGS = Timings()
+# Between tries to store tokens the provider already issued (Redis down meanwhile).
+STORE_RETRY_SECONDS = 0.5
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -585,20 +584,42 @@ class AuthService:
         assert fresh is not None
         # Keep the old refresh token when the provider does not rotate it.
         kept = StoredTokens(fresh.access_token, fresh.refresh_token or old.refresh_token)
-        with store_errors():
-            # A written refresh releases our lock in the same step: dying between
-            # two steps would leave the others waiting out the lease.
-            generation = await self._store.store_refreshed(
-                record.account_id,
-                expected_generation=command.expected_generation,
-                tokens=kept,
-                token_type=fresh.token_type,
-                expires_at=fresh.expires_at,
-                scopes=fresh.scopes,
-                now=self._clock(),
-                lock_owner=run.owner,
-                forced=command.forced,
-            )
+        # The provider may have rotated the refresh token: these tokens exist nowhere
+        # else, so a Redis outage is waited out (one operation, re-sent safely) for up
+        # to one more deadline before they are given up.
+        operation = self._store.new_operation()
+        give_up_at = time.monotonic() + self._t.refresh_deadline
+        while True:
+            try:
+                # A written refresh releases our lock in the same step: dying between
+                # two steps would leave the others waiting out the lease.
+                generation = await self._store.store_refreshed(
+                    record.account_id,
+                    expected_generation=command.expected_generation,
+                    tokens=kept,
+                    token_type=fresh.token_type,
+                    expires_at=fresh.expires_at,
+                    scopes=fresh.scopes,
+                    now=self._clock(),
+                    lock_owner=run.owner,
+                    forced=command.forced,
+                    operation=operation,
+                )
+                break
+            except RedisError as exc:
+                if time.monotonic() >= give_up_at:
+                    log.error(
+                        "refreshed tokens could not be stored; the lock is left to expire",
+                        extra={"account_id": record.account_id, "error": type(exc).__name__},
+                    )
+                    raise Unavailable(
+                        f"token store (Redis) unavailable: {type(exc).__name__}"
+                    ) from exc
+                log.warning(
+                    "could not store refreshed tokens yet; retrying",
+                    extra={"account_id": record.account_id, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(STORE_RETRY_SECONDS)
         await run.stop_renewing()
         if generation == 0:
             self._refresh_outcome(record.provider, "fenced")

@@ -395,7 +395,8 @@ class RedisStore:
     def lock_key(self, account_id: str) -> str:
         return f"{self._prefix}lock:{account_id}"
 
-    def _operation_key(self) -> str:
+    def new_operation(self) -> str:
+        """A fresh operation key (see _ONCE)."""
         return f"{self._prefix}op:{_operation_id()}"
 
     def _flow_key(self, flow_id: str) -> str:
@@ -455,7 +456,7 @@ class RedisStore:
                 self._account_key(account_id),
                 self._accounts_key,
                 self.events_stream,
-                self._operation_key(),
+                self.new_operation(),
             ],
             args=[
                 account_id,
@@ -484,18 +485,21 @@ class RedisStore:
         now: float,
         lock_owner: str | None = None,
         forced: bool = False,
+        operation: str | None = None,
     ) -> int:
         """Fenced write; returns the new generation or 0 when fenced out.
 
         With ``lock_owner``, a successful write also releases that holder's lock.
         ``forced``: a forced refresh, whose time starts the forced-refresh cool-down.
+        ``operation`` (from :meth:`new_operation`): the caller retries the same write
+        itself and wants every try recognised as one.
         """
         result = await self._refresh(
             keys=[
                 self._account_key(account_id),
                 self.events_stream,
                 self.lock_key(account_id),
-                self._operation_key(),
+                operation or self.new_operation(),
             ],
             args=[
                 account_id,
@@ -519,7 +523,7 @@ class RedisStore:
         """Fenced unless ``expected_generation`` is None; returns the new generation or 0."""
         expected = "" if expected_generation is None else str(expected_generation)
         result = await self._disconnect(
-            keys=[self._account_key(account_id), self.events_stream, self._operation_key()],
+            keys=[self._account_key(account_id), self.events_stream, self.new_operation()],
             args=[account_id, expected, reason, self._maxlen, int(now * 1000), OPERATION_TTL_MS],
         )
         return int(result)
@@ -541,7 +545,7 @@ class RedisStore:
         ``invalid_grant`` then says why); ``forced`` starts the forced-refresh cool-down.
         """
         result = await self._refresh_failed(
-            keys=[self._account_key(account_id), self.events_stream, self._operation_key()],
+            keys=[self._account_key(account_id), self.events_stream, self.new_operation()],
             args=[
                 account_id,
                 str(expected_generation),
