@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from keyrelay.auth.core.tokens import (
     MAX_BODY_BYTES,
+    MAX_RETRY_AFTER_SECONDS,
     FailureKind,
     TokenEndpointError,
     TokenSet,
     parse_token_response,
+    retry_after_seconds,
 )
 
 NOW = 1_000_000.0
@@ -449,3 +451,68 @@ def test_only_the_exact_invalid_grant_error_disconnects(status: int, error: str)
         parse(status, json.dumps({"error": error}).encode())
     disconnects = info.value.kind is FailureKind.INVALID_GRANT
     assert disconnects is (error == "invalid_grant" and status not in (408, 425, 429))
+
+
+# --- Retry-After ---------------------------------------------------------------------------
+
+NOW_HTTP = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("999999", MAX_RETRY_AFTER_SECONDS),  # capped
+        ("Tue, 14 Nov 2023 22:14:20 GMT", 60.0),  # an HTTP-date
+        ("Tue, 14 Nov 2023 22:10:00 GMT", 0.0),  # in the past: now
+        ("Tue, 14 Nov 2033 22:14:20 GMT", MAX_RETRY_AFTER_SECONDS),
+        ("-5", None),
+        ("1.5", None),  # delay-seconds are whole
+        ("soon", None),
+        ("", None),
+        ("Tue, 14 Nov 2023 22:14:20", None),  # no zone: not an HTTP-date
+        ("9" * 5000, None),
+        ("\x00\r\n120", None),
+    ],
+)
+def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(value, NOW_HTTP) == seconds
+
+
+@given(st.text(max_size=60))
+def test_retry_after_never_raises_and_stays_in_bounds(value: str) -> None:
+    seconds = retry_after_seconds(value, NOW_HTTP)
+    assert seconds is None or 0 <= seconds <= MAX_RETRY_AFTER_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"),
+    [(503, {"error": "temporarily_unavailable"}), (429, {}), (502, None)],
+)
+def test_a_transient_answer_carries_its_retry_after(
+    status: int, payload: dict[str, Any] | None
+) -> None:
+    raw = b"<html>busy</html>" if payload is None else json.dumps(payload).encode()
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(
+            status, "application/json", raw, now=0.0, requested_scopes=(), retry_after=30.0
+        )
+    assert caught.value.kind is FailureKind.TRANSIENT
+    assert caught.value.retry_after == 30.0
+
+
+def test_a_grant_refusal_carries_no_retry_after() -> None:
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(
+            400,
+            "application/json",
+            b'{"error": "invalid_grant"}',
+            now=0.0,
+            requested_scopes=(),
+            retry_after=30.0,
+        )
+    assert caught.value.kind is FailureKind.INVALID_GRANT
+    assert caught.value.retry_after is None
