@@ -5,7 +5,8 @@ stream of ``message_start``, content blocks (text, and ``tool_use`` with
 ``input_json_delta``), ``ping``, ``message_delta`` with usage and
 ``message_stop``, written in whatever chunking the test asks for. A test can
 script the next responses (status, raw body, raw SSE bytes) and make it
-refuse tokens with a 401 the way the real API refuses an expired one.
+refuse tokens (some, or every one) with a 401 the way the real API refuses an
+expired one.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ class FakeUpstream:
         self.header_delay = 0.0
         self.aborted_streams = 0
         self.refused_tokens: set[str] = set()
+        # Refuses every token, whatever it is (an upstream that rejects them all).
+        self.refuse_all = False
         # Asked about every Bearer token as it arrives (e.g. the provider's
         # userinfo): a token it calls invalid gets the real API's 401.
         self.token_check: Callable[[str], Awaitable[bool]] | None = None
@@ -235,8 +238,10 @@ class FakeUpstream:
         )
         self.requests.append(recorded)
         token = (recorded.header("authorization") or "").removeprefix("Bearer ")
-        if token in self.refused_tokens or (
-            self.token_check is not None and not await self.token_check(token)
+        if (
+            self.refuse_all
+            or token in self.refused_tokens
+            or (self.token_check is not None and not await self.token_check(token))
         ):
             recorded.refused = True
             return web.json_response(

@@ -379,21 +379,28 @@ class GatewayApp:
         response = await self._post(route.upstream, path, request.headers, request.query, payload)
         if response.status == 401 and credential.oauth and route.account is not None:
             # The token was refused: get a newer generation and try once more.
-            response.release()
             assert self.tokens is not None
             try:
                 token = await self.tokens.rejected(route.account, credential.generation)
             except TokenError as exc:
+                response.release()
                 kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
                 raise GatewayError(kind, exc.message) from None
-            retry_headers = transform_headers(
-                client_headers,
-                route.profile,
-                upstream_auth=("authorization", f"{token.token_type} {token.access_token}"),
-            )
-            outcome.retried = True
-            self.metrics.upstream_retries.labels(route.name).inc()
-            response = await self._post(route.upstream, path, retry_headers, request.query, payload)
+            # The same generation back means the auth service refused a new refresh
+            # (its forced-refresh cool-down): a retry would be refused the same way,
+            # so the upstream's 401 is the answer.
+            if token.generation > credential.generation:
+                response.release()
+                retry_headers = transform_headers(
+                    client_headers,
+                    route.profile,
+                    upstream_auth=("authorization", f"{token.token_type} {token.access_token}"),
+                )
+                outcome.retried = True
+                self.metrics.upstream_retries.labels(route.name).inc()
+                response = await self._post(
+                    route.upstream, path, retry_headers, request.query, payload
+                )
         outcome.upstream_seconds = time.perf_counter() - sent_at
         outcome.upstream_status = response.status
         self.metrics.tally.observe(
