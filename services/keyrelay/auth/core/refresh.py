@@ -380,6 +380,13 @@ class Written:
 Outcome = AccountState | LockTaken | HolderState | TokenSet | TokenEndpointError | Written | None
 
 
+# The commands without fields are values: one instance each serves every attempt.
+_READ = ReadAccount()
+_SERVE = ServeStored()
+_SERVE_COOLING = ServeStored(cooling=True)
+_NOTHING_READ = AccountState("", found=False)
+
+
 class _Phase(enum.Enum):
     LOOK = "look"  # reading before holding the lock
     LOCKING = "locking"
@@ -402,6 +409,23 @@ class RefreshAttempt:
     call starts, and nobody waits for another replica any longer.
     """
 
+    # Slots: GetToken's fast path builds one per call.
+    __slots__ = (
+        "_deadline",
+        "_forced",
+        "_give_up_at",
+        "_min_ttl",
+        "_phase",
+        "_queue",
+        "_rng",
+        "_settle_why",
+        "_stale",
+        "_state",
+        "_t",
+        "_wait_started",
+        "account_id",
+    )
+
     def __init__(
         self,
         account_id: str,
@@ -418,7 +442,7 @@ class RefreshAttempt:
         self._rng = rng
         self._phase = _Phase.LOOK
         self._queue: list[Command] = []
-        self._state = AccountState(account_id, found=False)
+        self._state = _NOTHING_READ
         self._forced = False
         self._give_up_at = 0.0
         self._wait_started = 0.0
@@ -431,7 +455,7 @@ class RefreshAttempt:
 
     def start(self, now: float) -> Command:
         self._give_up_at = now + self._t.wait_for_refresh
-        return ReadAccount()
+        return _READ
 
     def step(self, outcome: Outcome, now: float, *, stopping: bool = False) -> Command:
         """The next command, given the outcome of the last one."""
@@ -493,7 +517,9 @@ class RefreshAttempt:
             forced_cooldown=self._t.forced_refresh_cooldown,
         )
         if decision.serves:
-            return self._end(holding, ServeStored(cooling=decision is Decision.SERVE_COOLING))
+            return self._end(
+                holding, _SERVE_COOLING if decision is Decision.SERVE_COOLING else _SERVE
+            )
         if state.retry_at > now:
             why = f"token endpoint failing ({state.last_error or 'backing off'})"
             return self._end(holding, self._serve_or_fail(now, why))
@@ -521,7 +547,7 @@ class RefreshAttempt:
     def _on_lock(self, taken: LockTaken, now: float, stopping: bool) -> Command:
         if taken.acquired:
             self._phase = _Phase.HOLDING  # re-read: another holder may have just refreshed
-            return ReadAccount()
+            return _READ
         self._phase = _Phase.WAITING
         self._wait_started = now
         return self._sleep_or_give_up(now, stopping)
@@ -536,7 +562,7 @@ class RefreshAttempt:
             or not outcome.lock_held
         ):
             self._phase = _Phase.LOOK
-            return ReadAccount()
+            return _READ
         return self._sleep_or_give_up(now, stopping)
 
     def _sleep_or_give_up(self, now: float, stopping: bool) -> Command:
@@ -596,7 +622,7 @@ class RefreshAttempt:
             and self._state.connected
             and still_usable(self._state.expires_at, now)
         ):
-            return ServeStored()
+            return _SERVE
         return Fail(Unavailable(f"no valid token for account {self.account_id!r}: {why}"))
 
     def _end(self, holding: bool, last: Command) -> Command:
