@@ -2,33 +2,42 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3.11
+# The newest Python >= 3.11 on PATH (override: make PYTHON=/path/to/python3.x ...).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+  && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 PROTO_SRC := proto/keyrelay/auth/v1/auth.proto
-PROTO_OUT := services/keyrelay/auth/v1/auth_pb2.py
 STAMP_PY := $(VENV)/.installed
 STAMP_NODE := tests/oidc/node_modules/.installed
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP_PY): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3.12 ...)"; exit 1; }
+# Everything comes from the lock (exact versions, hashes checked); keyrelay itself
+# is installed editable on top, with no dependency resolution of its own.
+$(STAMP_PY): pyproject.toml requirements/dev.txt
+	@test -n "$(PYTHON)" || { echo "keyrelay needs Python 3.11 or newer on PATH (python3.13, python3.12, python3.11 or python3); install one (Debian: apt-get install python3), or: make PYTHON=/path/to/python3.x ..."; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(STAMP_PY) ## Create .venv and install keyrelay with its dev dependencies
 
-$(PROTO_OUT): $(PROTO_SRC) $(STAMP_PY)
+# The generated code is committed (so any pip install of the tree works without
+# protoc); tests/unit/test_generated_protos.py fails when it is stale.
+gen: $(STAMP_PY) ## Regenerate the gRPC code and typed stubs from proto/ (commit the result)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
 	  --python_out=services --grpc_python_out=services \
 	  --mypy_out=services --mypy_grpc_out=services $(PROTO_SRC)
-	touch $@
 
-gen: $(PROTO_OUT) ## Generate gRPC code and typed stubs from proto/
+lock: $(STAMP_PY) ## Re-resolve requirements/*.txt from pyproject.toml (then: make venv)
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+	  --extra dev --quiet --output-file requirements/dev.txt
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+	  --extra tracing --quiet --output-file requirements/runtime.txt
 
 check-protos: $(STAMP_PY) ## Fail when the generated code differs from a fresh generation
 	$(BIN)/python -m pytest -q tests/unit/test_generated_protos.py
@@ -45,36 +54,36 @@ browser: ## Install chromium for the browser test (apt-get, as root; once)
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	@chromium --version
 
-test: $(PROTO_OUT) $(STAMP_NODE) ## Run the whole test suite (sets itself up)
+test: $(STAMP_PY) $(STAMP_NODE) ## Run the whole test suite (sets itself up)
 	@if ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) --no-print-directory browser; \
 	  else echo "note: no chromium (make browser installs it as root): the browser tests will skip"; fi; \
 	fi
 	$(BIN)/python -m pytest
 
-deploy-check: $(PROTO_OUT) ## Check deploy/ and the Containerfile offline (kustomize, schemas, policies)
+deploy-check: $(STAMP_PY) ## Check deploy/ and the Containerfile offline (kustomize, schemas, policies)
 	$(BIN)/python -m pytest -q tests/deploy
 
-lint: $(PROTO_OUT) ## ruff
+lint: $(STAMP_PY) ## ruff
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check services tests bench
 
-typecheck: $(PROTO_OUT) ## mypy --strict
+typecheck: $(STAMP_PY) ## mypy --strict
 	$(BIN)/mypy
 
 fmt: $(STAMP_PY) ## Format the code
 	$(BIN)/ruff format services tests bench
 	$(BIN)/ruff check --fix .
 
-run: $(PROTO_OUT) ## Run the whole stack locally (Redis, auth service, gateway)
+run: $(STAMP_PY) ## Run the whole stack locally (Redis, auth service, gateway)
 	$(BIN)/keyrelay dev $(ARGS)
 
-bench: $(PROTO_OUT) $(STAMP_NODE) ## Run the benchmarks
+bench: $(STAMP_PY) $(STAMP_NODE) ## Run the benchmarks
 	$(BIN)/python bench/auth_gettoken.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/redis_read.py
 
-clean: ## Remove the virtualenv, node modules and generated code
-	rm -rf $(VENV) tests/oidc/node_modules services/keyrelay/auth/v1/*_pb2*
+clean: ## Remove the virtualenv and the node modules
+	rm -rf $(VENV) tests/oidc/node_modules
 
-.PHONY: help venv gen check-protos node browser test deploy-check lint typecheck fmt run bench clean
+.PHONY: help venv gen lock check-protos node browser test deploy-check lint typecheck fmt run bench clean

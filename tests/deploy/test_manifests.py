@@ -477,9 +477,10 @@ def test_containerfile_is_multi_stage_and_final_stage_is_minimal() -> None:
     stages = _stages(text)
     assert len(stages) >= 2
     builder, final = "\n".join(stages[0]), stages[-1]
-    assert "grpc_tools.protoc" in builder
-    assert re.search(r"pip install \"?\.(\[tracing\])?\"?(\s|$)", builder), (
-        "a regular, non-editable install"
+    # Dependencies only from the lock, hashes checked; keyrelay itself without resolution.
+    assert "pip install --require-hashes -r requirements/runtime.txt" in builder
+    assert re.search(r"pip install --no-deps \.(\s|$)", builder), (
+        "a regular, non-editable install of keyrelay, with no resolution of its own"
     )
     assert " -e " not in builder
     assert final[0] == "FROM ${PYTHON_IMAGE}"
@@ -502,10 +503,12 @@ def test_containerfile_is_multi_stage_and_final_stage_is_minimal() -> None:
                     assert pod_spec(w)["securityContext"]["runAsUser"] == int(uid)
 
 
-def test_containerignore_keeps_generated_code_and_state_out() -> None:
+def test_containerignore_keeps_state_out_and_the_lock_in() -> None:
     lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert lines[lines.index("*") :][:1] == ["*"]
-    assert "services/**/*_pb2*.py" in lines
+    assert "!requirements/" in lines
+    # The generated gRPC code is committed source: it must reach the build.
+    assert not any("_pb2" in line for line in lines)
 
 
 def test_hadolint_passes() -> None:
