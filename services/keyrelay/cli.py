@@ -203,10 +203,26 @@ def _catch_redirect(redirect_uri: str, inbox: queue.Queue[str]) -> http.server.H
     return server
 
 
-def _read_paste(inbox: queue.Queue[str]) -> None:
-    line = sys.stdin.readline()
-    if line:
-        inbox.put(line)
+_STDIN_ENDED = ""
+
+
+def _read_pastes(inbox: queue.Queue[str]) -> None:
+    """Every line typed or pasted goes to ``inbox``; then _STDIN_ENDED."""
+    for line in sys.stdin:
+        if line.strip():
+            inbox.put(line)
+    inbox.put(_STDIN_ENDED)
+
+
+def say(text: str = "") -> None:
+    """Prints and flushes: a wrapper reading our output through a pipe sees each line
+    at once, not when the process exits (connect waits minutes for a code)."""
+    print(text, flush=True)
+
+
+# SubmitCode errors after which the same flow still takes a code: a paste that is
+# not a code, or whose state belongs to another flow. Anything else used the flow up.
+_PASTE_AGAIN = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -226,33 +242,59 @@ def cmd_connect(args: argparse.Namespace) -> int:
     redirect_uri = parse_qs(urlsplit(flow.authorize_url).query).get("redirect_uri", [""])[0]
     inbox: queue.Queue[str] = queue.Queue()
     catcher = _catch_redirect(redirect_uri, inbox) if is_loopback_redirect(redirect_uri) else None
-    print(f"Open this URL to grant access to {args.account}:\n\n  {flow.authorize_url}\n")
+    say(f"Open this URL to grant access to {args.account}:\n\n  {flow.authorize_url}\n")
     if args.open:
         webbrowser.open(flow.authorize_url)
     if catcher is not None:
-        print("Waiting for the redirect... (or paste the code / redirected URL and press Enter)")
+        say("Waiting for the redirect... (or paste the code / redirected URL and press Enter)")
     else:
-        print("Then paste the code, or the whole URL you were redirected to, and press Enter:")
-    threading.Thread(target=_read_paste, args=(inbox,), daemon=True).start()
+        say("Then paste the code, or the whole URL you were redirected to, and press Enter:")
+    threading.Thread(target=_read_pastes, args=(inbox,), daemon=True).start()
     try:
-        pasted = inbox.get(timeout=max(1, flow.expires_at - time.time()))
-    except queue.Empty:
-        raise CliError("the flow expired before a code arrived; run connect again") from None
+        account = _submit_until_accepted(stub, md, flow, inbox, catching=catcher is not None)
     finally:
         if catcher is not None:
             catcher.shutdown()
             catcher.server_close()
-    try:
-        account = stub.SubmitCode(
-            auth_pb2.SubmitCodeRequest(flow_id=flow.flow_id, code=pasted.strip()),
-            metadata=md,
-            timeout=60,
-        )
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
     scopes = " ".join(account.scopes) or "-"
-    print(f"{account.account_id}: connected to {account.provider} (scopes: {scopes})")
+    say(f"{account.account_id}: connected to {account.provider} (scopes: {scopes})")
     return 0
+
+
+def _submit_until_accepted(
+    stub: auth_pb2_grpc.AuthServiceStub,
+    md: Metadata,
+    flow: auth_pb2.StartFlowResponse,
+    inbox: queue.Queue[str],
+    *,
+    catching: bool,
+) -> auth_pb2.Account:
+    """Submits each paste (or the caught redirect) until one is accepted; a paste that
+    is not a code asks for another, until the flow expires (or Ctrl-C)."""
+    while True:
+        try:
+            pasted = inbox.get(timeout=max(0.1, flow.expires_at - time.time()))
+        except queue.Empty:
+            raise CliError(
+                "the connection expired before a code arrived; run `keyrelay connect` again"
+            ) from None
+        if pasted == _STDIN_ENDED:
+            if catching:
+                continue  # the browser's redirect can still come
+            raise CliError("standard input ended before a code was pasted; run connect again")
+        try:
+            account: auth_pb2.Account = stub.SubmitCode(
+                auth_pb2.SubmitCodeRequest(flow_id=flow.flow_id, code=pasted.strip()),
+                metadata=md,
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() not in _PASTE_AGAIN:
+                raise _rpc_error(exc) from None
+            say(f"That did not work: {exc.details()}")
+            say("Paste the code or the redirected URL again and press Enter (Ctrl-C to stop):")
+            continue
+        return account
 
 
 # -- wiring ------------------------------------------------------------------

@@ -54,7 +54,10 @@ def replica(
 
 
 def cli(*args: str, token: str | None = ADMIN_TOKEN) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "KEYRELAY_ADMIN_TOKEN"}
+    # As a wrapper runs it: output to a pipe, block-buffered unless connect flushes.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KEYRELAY_ADMIN_TOKEN", "PYTHONUNBUFFERED")
+    }
     if token is not None:
         env["KEYRELAY_ADMIN_TOKEN"] = token
     return subprocess.Popen(
@@ -160,12 +163,36 @@ def test_bad_paths_on_the_command_line_are_one_clear_line(args: tuple[str, ...])
     assert len(err.strip().splitlines()) == 1
 
 
-def test_paste_of_garbage_reports_and_exits(replica: ReplicaProcess) -> None:
-    process = cli("connect", "garbage", "--provider", "testidp", "--auth", replica.address)
+def test_a_bad_paste_asks_again_and_a_good_one_then_connects(replica: ReplicaProcess) -> None:
+    """The flow outlives a paste that is not a code (it is only claimed by a valid one):
+    connect says what was wrong, asks again, and the next paste connects."""
+    process = cli("connect", "repasted", "--provider", "testidp", "--auth", replica.address)
+    assert process.stdin is not None
+    assert process.stdout is not None
+    redirect = complete_login(read_authorize_url(process), login="cli-repaste")
+    process.stdin.write("not a code at all\n")
+    process.stdin.flush()
+    # Read through a pipe: each line arrives as printed (connect flushes).
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while not any("again" in line for line in seen):
+        assert time.monotonic() < deadline, seen
+        seen.append(process.stdout.readline())
+    assert any("That did not work" in line and "space" in line for line in seen), seen
+    out, err = process.communicate(redirect + "\n", timeout=60)
+    assert process.returncode == 0, err
+    assert "repasted: connected to testidp" in out
+    assert "Traceback" not in err
+
+
+def test_a_used_up_flow_is_not_asked_again(replica: ReplicaProcess) -> None:
+    """A code the provider refuses uses the flow up: connect ends with what to do."""
+    process = cli("connect", "refused", "--provider", "testidp", "--auth", replica.address)
     read_authorize_url(process)
-    _, err = process.communicate("not a code at all\n", timeout=60)
+    _, err = process.communicate("made-up-code-0123456789\n", timeout=60)
     assert process.returncode == 1
-    assert "INVALID_ARGUMENT" in err
+    assert "FAILED_PRECONDITION" in err
+    assert "start a new flow" in err
     assert "Traceback" not in err
 
 

@@ -324,7 +324,8 @@ def test_resolve_state_full_message() -> None:
     with pytest.raises(InvalidArgument) as info:
         resolve_state(PastedCode(code="c", state="nope"), None, EXPECTED)
     assert str(info.value) == (
-        "state mismatch: this code belongs to a different connection attempt; start a new flow"
+        "state mismatch: this code belongs to a different connection attempt; paste the "
+        "code from the page this connection opened (this one is still waiting for it)"
     )
 
 

@@ -134,7 +134,8 @@ def resolve_state(pasted: PastedCode, explicit_state: str | None, expected_state
         return
     if not states_equal(state, expected_state):
         raise InvalidArgument(
-            "state mismatch: this code belongs to a different connection attempt; start a new flow"
+            "state mismatch: this code belongs to a different connection attempt; paste the "
+            "code from the page this connection opened (this one is still waiting for it)"
         )
 
 
