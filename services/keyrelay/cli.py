@@ -68,9 +68,12 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     from keyrelay.gateway.keys import config_entry, new_key
 
     key = new_key()
-    print(f"gateway key (shown once; give it to the client as its API key):\n\n  {key}\n")
-    print("add this to the gateway config:\n")
-    print(config_entry(key, account=args.account, name=args.name or args.account))
+    say(f"gateway key (shown once; give it to the client as its API key):\n\n  {key}\n")
+    say(
+        "add this block to the gateway config (`keyrelay gateway serve --config FILE`), or,\n"
+        "with `keyrelay dev`, to .keyrelay/routes.toml; then restart the gateway:\n"
+    )
+    say(config_entry(key, account=args.account, name=args.name or args.account))
     return 0
 
 
@@ -307,7 +310,20 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keyrelay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="keyrelay",
+        description=(
+            "keyrelay turns an OAuth grant, given once by a person, into short-lived Bearer "
+            "tokens for a fleet of Messages API gateway workers. `keyrelay dev` runs the "
+            "whole stack on this machine; `auth serve` and `gateway serve` run the services; "
+            "`connect`, `accounts` and `disconnect` manage accounts."
+        ),
+        epilog=(
+            "environment: KEYRELAY_CONFIG (the config of auth/gateway serve), "
+            "KEYRELAY_ADMIN_TOKEN and KEYRELAY_AUTH_ADDRESS (connect, accounts, disconnect). "
+            "`keyrelay VERB --help` tells more; the README has the config reference."
+        ),
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     auth = verbs.add_parser("auth", help="the auth service")
@@ -325,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = verbs.add_parser("keys", help="gateway keys")
     keys_verbs = keys.add_subparsers(dest="keys_verb", required=True)
     keys_new = keys_verbs.add_parser("new", help="mint a gateway key and print its config entry")
-    keys_new.add_argument("--account", default="ACCOUNT", help="account the key routes to")
+    keys_new.add_argument("--account", required=True, help="account the key routes to")
     keys_new.add_argument("--name", help="label for logs and metrics (default: the account)")
     keys_new.set_defaults(func=cmd_keys_new)
 

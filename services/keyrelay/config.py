@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import math
 import re
 import tomllib
@@ -116,6 +117,13 @@ class TracingConfig:
     propagate_upstream: bool = False  # gateway only: send traceparent to the upstream
 
 
+# WatchEvents per auth replica (keyrelay.auth.events): events a subscriber may fall
+# behind before it is cut, and subscribers served before RESOURCE_EXHAUSTED.
+DEFAULT_EVENTS_SUBSCRIBER_QUEUE = 1024
+DEFAULT_EVENTS_MAX_SUBSCRIBERS = 4096
+MIN_EVENTS_SUBSCRIBER_QUEUE = 16
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     encryption_keys: tuple[EncryptionKey, ...]
@@ -127,6 +135,8 @@ class AuthConfig:
     key_prefix: str = "keyrelay:"
     events_stream: str = "keyrelay:events"
     events_maxlen: int = 100_000
+    events_subscriber_queue: int = DEFAULT_EVENTS_SUBSCRIBER_QUEUE
+    events_max_subscribers: int = DEFAULT_EVENTS_MAX_SUBSCRIBERS
     flow_ttl_seconds: float = 600.0
     skew_seconds: float = 30.0
     lock_ttl_seconds: float = 10.0
@@ -240,7 +250,14 @@ class _Section:
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+            hint = close_match(unknown[0], sorted(self.used))
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key{hint}")
+
+
+def close_match(word: str, known: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` when ``word`` looks like a typo of a known key, else ``""``."""
+    matches = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
 def resolve_secret(
@@ -496,6 +513,14 @@ def parse_auth_config(
         key_prefix=prefix,
         events_stream=auth.string("events_stream", f"{prefix}events"),
         events_maxlen=auth.integer("events_maxlen", 100_000, minimum=100),
+        events_subscriber_queue=auth.integer(
+            "events_subscriber_queue",
+            DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
+            minimum=MIN_EVENTS_SUBSCRIBER_QUEUE,
+        ),
+        events_max_subscribers=auth.integer(
+            "events_max_subscribers", DEFAULT_EVENTS_MAX_SUBSCRIBERS, minimum=1
+        ),
         flow_ttl_seconds=auth.number("flow_ttl_seconds", 600.0, minimum=10),
         skew_seconds=auth.number("skew_seconds", 30.0),
         lock_ttl_seconds=lock_ttl,
@@ -548,11 +573,25 @@ KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
+    """``[upstreams.<name>]``; these defaults are the parser's (README: the reasons)."""
+
     name: str
     url: str
     connect_timeout_seconds: float = 10.0
     read_timeout_seconds: float = 600.0
     max_connections: int = 256
+    # A request waits at most this long for a pooled connection, and at most
+    # max_waiting requests wait: beyond either, 503 overloaded_error.
+    pool_timeout_seconds: float = 5.0
+    max_waiting: int = 256
+    # Below the 5 s keep-alive of common servers (Node, Apache, uvicorn): the
+    # gateway drops an idle connection before the server would.
+    idle_timeout_seconds: float = 4.0
+    ca_file: str | None = None  # replaces the system trust store for this upstream
+    cert_file: str | None = None  # client certificate (mTLS)
+    key_file: str | None = None
+    proxy_url: str | None = None  # http://host:port, reached with CONNECT
+    proxy_credentials: str | None = field(default=None, repr=False)  # "user:password"
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +618,38 @@ class AuthClientConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FrontDoorConfig:
+    """A worker's bounds on its clients' connections: flat keys of ``[gateway]``
+    (README: the answer a client gets at each); these defaults are the parser's."""
+
+    max_connections: int = 1000  # open at once, per worker; beyond: 503, closed
+    listen_backlog: int = 1024  # connections the kernel queues before the worker accepts them
+    max_header_bytes: int = 32 << 10  # request line + headers; beyond: 431, closed
+    max_header_count: int = 100  # beyond: 431, closed
+    header_timeout_seconds: float = 10.0  # a head's first byte to its end; beyond: 408, closed
+    first_byte_timeout_seconds: float = 10.0  # a new connection silent this long: closed
+
+
+_FRONT_DOOR_DEFAULTS = FrontDoorConfig()
+
+
+def _parse_front_door(gateway: _Section) -> FrontDoorConfig:
+    d = _FRONT_DOOR_DEFAULTS
+    return FrontDoorConfig(
+        max_connections=gateway.integer("max_connections", d.max_connections, minimum=1),
+        listen_backlog=gateway.integer("listen_backlog", d.listen_backlog, minimum=1),
+        max_header_bytes=gateway.integer("max_header_bytes", d.max_header_bytes, minimum=1024),
+        max_header_count=gateway.integer("max_header_count", d.max_header_count, minimum=8),
+        header_timeout_seconds=gateway.number(
+            "header_timeout_seconds", d.header_timeout_seconds, minimum=0.1
+        ),
+        first_byte_timeout_seconds=gateway.number(
+            "first_byte_timeout_seconds", d.first_byte_timeout_seconds, minimum=0.1
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     routes: Mapping[str, Route]  # by key hash, "sha256:<hex>"
     auth: AuthClientConfig | None
@@ -589,6 +660,7 @@ class GatewayConfig:
     token_skew_seconds: float = 30.0
     log_level: str = "info"
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    front_door: FrontDoorConfig = _FRONT_DOOR_DEFAULTS
 
 
 def _parse_profile(name: str, section: _Section) -> Profile:
@@ -613,7 +685,9 @@ def _parse_profile(name: str, section: _Section) -> Profile:
     return profile
 
 
-def _parse_upstream(name: str, section: _Section) -> UpstreamConfig:
+def _parse_upstream(
+    name: str, section: _Section, env: Mapping[str, str], read_file: ReadFile
+) -> UpstreamConfig:
     url = _check_url(section, "url", section.string("url")).rstrip("/")
     # The gateway's client sends to host:port with the URL's path as a prefix:
     # anything else in the URL would be ignored, or fail at the first request.
@@ -628,15 +702,80 @@ def _parse_upstream(name: str, section: _Section) -> UpstreamConfig:
             f"{section.key('url')}: must be scheme://host[:port][/path], "
             "without credentials, query or fragment"
         )
+    defaults = _UPSTREAM_DEFAULTS
+    tls_files = {
+        "ca_file": section.optional_string("ca_file"),
+        "cert_file": section.optional_string("cert_file"),
+        "key_file": section.optional_string("key_file"),
+    }
+    for key, value in tls_files.items():
+        if value is not None and parts.scheme != "https":
+            raise ConfigError(f"{section.key(key)}: only for an https upstream URL")
+    if tls_files["key_file"] is not None and tls_files["cert_file"] is None:
+        raise ConfigError(f"{section.key('cert_file')}: required with key_file (mTLS)")
+    proxy_url = section.optional_string("proxy_url")
+    if proxy_url is not None:
+        if not _plain_proxy_url(proxy_url):
+            raise ConfigError(
+                # Not echoed: the URL may hold a password (it belongs in proxy_credentials).
+                f"{section.key('proxy_url')}: must be http://host[:port] (the proxy is "
+                "reached with CONNECT), without credentials (see proxy_credentials) or path"
+            )
+        proxy_url = proxy_url.rstrip("/")
+    credentials = resolve_secret(section, "proxy_credentials", env, read_file)
+    if credentials is not None:
+        if proxy_url is None:
+            raise ConfigError(f"{section.key('proxy_credentials')}: needs proxy_url")
+        if ":" not in credentials or any(c in credentials for c in "\r\n"):
+            raise ConfigError(
+                f"{section.key('proxy_credentials')}: the secret must be user:password on one line"
+            )
     upstream = UpstreamConfig(
         name=name,
         url=url,
-        connect_timeout_seconds=section.number("connect_timeout_seconds", 10.0, minimum=0.1),
-        read_timeout_seconds=section.number("read_timeout_seconds", 600.0, minimum=0.1),
-        max_connections=section.integer("max_connections", 256, minimum=1),
+        connect_timeout_seconds=section.number(
+            "connect_timeout_seconds", defaults.connect_timeout_seconds, minimum=0.1
+        ),
+        read_timeout_seconds=section.number(
+            "read_timeout_seconds", defaults.read_timeout_seconds, minimum=0.1
+        ),
+        max_connections=section.integer("max_connections", defaults.max_connections, minimum=1),
+        pool_timeout_seconds=section.number(
+            "pool_timeout_seconds", defaults.pool_timeout_seconds, minimum=0.0
+        ),
+        max_waiting=section.integer("max_waiting", defaults.max_waiting, minimum=0),
+        idle_timeout_seconds=section.number(
+            "idle_timeout_seconds", defaults.idle_timeout_seconds, minimum=0.0
+        ),
+        ca_file=tls_files["ca_file"],
+        cert_file=tls_files["cert_file"],
+        key_file=tls_files["key_file"],
+        proxy_url=proxy_url,
+        proxy_credentials=credentials,
     )
     section.reject_unknown()
     return upstream
+
+
+# The defaults of every [upstreams.<name>] key, from UpstreamConfig's fields.
+_UPSTREAM_DEFAULTS = UpstreamConfig(name="", url="")
+
+
+def _plain_proxy_url(value: str) -> bool:
+    """``http://host[:port]`` and nothing else (a CONNECT proxy, no credentials)."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and bool(parts.hostname)
+        and parts.username is None
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+    )
 
 
 def _parse_prices(section: _Section) -> PriceTable:
@@ -691,7 +830,7 @@ def parse_gateway_config(
         profiles[name] = _parse_profile(name, profiles_section.table(name))
     upstreams_section = root.table("upstreams")
     upstreams = {
-        name: _parse_upstream(name, upstreams_section.table(name))
+        name: _parse_upstream(name, upstreams_section.table(name), env, read_file)
         for name in upstreams_section.data
     }
     routes: dict[str, Route] = {}
@@ -743,6 +882,7 @@ def parse_gateway_config(
         token_skew_seconds=gateway.number("token_skew_seconds", 30.0),
         log_level=gateway.string("log_level", "info").lower(),
         tracing=_parse_tracing(gateway.table("tracing"), gateway=True),
+        front_door=_parse_front_door(gateway),
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("gateway.log_level: must be one of debug, info, warning, error")

@@ -192,3 +192,78 @@ def test_dev_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
     assert "--gateway-port" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "state").exists()  # refused before anything was set up
+
+
+def test_dev_serves_a_second_key_from_routes_toml_and_its_banner_runs_as_printed(
+    tmp_path: Path,
+) -> None:
+    """A key minted by `keys new` and pasted into routes.toml works on the next start;
+    the banner says ready, lists the providers, and its commands run as printed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "providers.toml").write_text(
+        "[providers.idp]\n"
+        'authorize_url = "https://idp.example/authorize"\n'
+        'token_url = "https://idp.example/token"\n'
+        'client_id = "keyrelay-dev"\n'
+        'redirect_uris = ["http://127.0.0.1:8765/callback"]\n'
+    )
+    minted = subprocess.run(
+        [sys.executable, "-m", "keyrelay", "keys", "new", "--account", "second"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert "routes.toml" in minted  # where the block goes, in dev
+    key = next(line.strip() for line in minted.splitlines() if line.strip().startswith("kr-"))
+    block = minted[minted.index("[[keys]]") :]
+    (state / "routes.toml").write_text(block)
+
+    port, gateway_port, web_port = free_port(), free_port(), free_port()
+    process, printed = start_dev(state, port, gateway_port, web_port)
+    try:
+        assert "keyrelay dev is ready" in printed
+        assert "providers            idp" in printed
+        connect_line = next(line for line in printed.splitlines() if " connect devacct " in line)
+        assert "--provider idp" in connect_line  # the one provider, named
+        program = connect_line.split(" connect ")[0].split()
+        helped = subprocess.run(
+            [*program, "connect", "--help"], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert helped.returncode == 0, helped.stderr  # the printed command exists as printed
+        response = httpx.post(
+            f"http://127.0.0.1:{gateway_port}/v1/messages",
+            json={"model": "m", "max_tokens": 1, "messages": []},
+            headers={"x-api-key": key},
+            timeout=10,
+        )
+        # The second key is known: its account is simply not connected yet.
+        assert response.status_code == 401
+        assert "keyrelay connect second" in response.json()["error"]["message"]
+    finally:
+        assert stop(process) == 0
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "expected"),
+    [
+        ("providers.toml", '[provider.x]\nclient_id = "a"\n', "did you mean 'providers'?"),
+        ("providers.toml", "foo = 1\n", "unknown top-level key 'foo'"),
+        ("providers.toml", '[auth]\nlisten = "x"\n', "unknown top-level key 'auth'"),
+        ("routes.toml", '[[key]]\nname = "a"\n', "did you mean 'keys'?"),
+        ("routes.toml", '[[keys]]\nname = "a"\nhash = "nope"\n', "keys[0].hash"),
+    ],
+)
+def test_dev_refuses_a_typo_in_a_file_the_user_edits(
+    tmp_path: Path, file: str, text: str, expected: str
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / file).write_text(text)
+    result = dev_once(state)
+    assert result.returncode == 1
+    assert str(state / file) in result.stderr  # the file is named
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
