@@ -35,7 +35,12 @@ It measures, direct to the upstream and through each gateway route:
    events/s and MB/s, and the ratio against direct;
 3. the gateway's CPU per request and per streamed event: utime + stime from
    ``/proc/<pid>/stat`` over the window divided by the requests / events the
-   clients received in it.
+   clients received in it;
+4. the pinned streaming row (``--pinned-concurrency``, 8): the same stream read
+   as raw chunks by ``--pinned-concurrency`` clients, every proxy pinned to one
+   core and the upstream and load generator to the other(s), so that the proxy
+   is the bottleneck: events/s against direct and the proxy's CPU per event,
+   the gateway's beside the bare aiohttp proxy's (the floor) of the same run.
 
 The CPU used by the load generator, the upstream and the whole machine during
 each window is printed too, in % of one core: on a small machine the client can
@@ -69,7 +74,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +122,7 @@ ADDED_P50_TARGET_MS = 0.5  # at concurrency 1
 PER_CORE_TARGET = 3000.0  # non-stream requests/s per gateway core at concurrency 32
 STREAM_RATIO_TARGET = 0.85  # events/s through the gateway / direct
 EVENT_CPU_TARGET_US = 4.0  # gateway CPU per untouched SSE event (the plain route)
+PINNED_CONCURRENCY = 8  # streams of the pinned raw-chunk row (--pinned-concurrency)
 
 REQUEST: dict[str, Any] = {
     "model": "claude-sonnet-4-5-20250929",
@@ -418,21 +424,37 @@ def gateway_config(upstream_url: str, port: int, routes: Sequence[Route]) -> dic
     }
 
 
+# `keyrelay gateway serve` with another uvicorn HTTP protocol than the front door
+# (argv: config path, protocol name): the same app, config and logging.
+SERVE_WITH_HTTP = (
+    "import os, sys\n"
+    "from keyrelay.config import load_gateway_config\n"
+    "from keyrelay.gateway.server import serve\n"
+    "from keyrelay.logs import configure_logging\n"
+    "config = load_gateway_config(sys.argv[1], os.environ)\n"
+    "configure_logging(config.log_level)\n"
+    "serve(config, http=sys.argv[2])\n"
+)
+
+
 def start_gateway(
-    stack: contextlib.ExitStack, tmp: Path, upstream_url: str, routes: Sequence[Route]
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    upstream_url: str,
+    routes: Sequence[Route],
+    protocol: str | None = None,
 ) -> tuple[Service, str]:
+    """``protocol``: a uvicorn HTTP protocol name (e.g. ``httptools``, uvicorn's own)
+    instead of the gateway's front door, to compare the two (--compare-http)."""
     port = free_port()
-    config = tmp / "gateway.toml"
+    name = f"gateway-{protocol}" if protocol else "gateway"
+    config = tmp / f"{name}.toml"
     config.write_bytes(tomli_w.dumps(gateway_config(upstream_url, port, routes)).encode())
     env = {**os.environ, API_KEY_ENV: "sk-bench-" + "0" * 32}
-    gateway = _spawn(
-        stack,
-        "gateway",
-        [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)],
-        tmp / "gateway.log",
-        stdout=subprocess.DEVNULL,
-        env=env,
-    )
+    argv = [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)]
+    if protocol:
+        argv = [sys.executable, "-c", SERVE_WITH_HTTP, str(config), protocol]
+    gateway = _spawn(stack, name, argv, tmp / f"{name}.log", stdout=subprocess.DEVNULL, env=env)
     return gateway, wait_serving(gateway, port)
 
 
@@ -542,6 +564,7 @@ class Result:
     events: int
     gateway_cpu_s: float | None
     meters: dict[str, float | None] = field(default_factory=dict)  # % of one core
+    pinned: bool = False  # the pinned row: proxy on one core, upstream and load on the other(s)
 
     @property
     def rate(self) -> float:
@@ -577,7 +600,13 @@ class Bench:
         self.args = args
 
     def measure(
-        self, path: Target, *, stream: bool, concurrency: int, client: str = "lines"
+        self,
+        path: Target,
+        *,
+        stream: bool,
+        concurrency: int,
+        client: str = "lines",
+        pinned: bool = False,
     ) -> Result:
         rounds = self.args.rounds
         spec = LoadSpec(
@@ -627,6 +656,7 @@ class Bench:
             events=sum(int(r[5]) for r in replies),
             gateway_cpu_s=meters["gateway"].seconds,
             meters=readings,
+            pinned=pinned,
         )
 
 
@@ -668,6 +698,29 @@ def interleaved(
         for index, path in enumerate(paths):
             per_path[index].append(measure(path))
     return [merged(results) for results in per_path]
+
+
+@contextlib.contextmanager
+def pinned_cpus(proxies: Sequence[Service], others: Sequence[int]) -> Iterator[str | None]:
+    """Every proxy process on the first CPU this process may use, ``others`` (pids:
+    upstream, load generator) on the rest, until the block ends; yields how, or
+    None on a machine with a single CPU (nothing pinned)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield None
+        return
+    pids = [p.pid for p in proxies] + list(others)
+    before = {pid: os.sched_getaffinity(pid) for pid in pids}
+    try:
+        for proxy in proxies:
+            os.sched_setaffinity(proxy.pid, cpus[:1])
+        for pid in others:
+            os.sched_setaffinity(pid, cpus[1:])
+        yield f"proxy on cpu {cpus[0]}, upstream and load generator on cpu {cpus[1:]}"
+    finally:
+        for pid, mask in before.items():
+            with contextlib.suppress(OSError):  # a process that already exited
+                os.sched_setaffinity(pid, mask)
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -775,8 +828,8 @@ def direct_of(result: Result, results: Sequence[Result]) -> Result:
         r
         for r in results
         if not r.path.through_gateway
-        and (r.stream, r.client, r.concurrency)
-        == (result.stream, result.client, result.concurrency)
+        and (r.stream, r.client, r.concurrency, r.pinned)
+        == (result.stream, result.client, result.concurrency, result.pinned)
     )
 
 
@@ -788,8 +841,8 @@ def floor_of(result: Result, results: Sequence[Result], label: str = FLOOR) -> R
             r
             for r in results
             if r.path.label == label
-            and (r.stream, r.client, r.concurrency)
-            == (result.stream, result.client, result.concurrency)
+            and (r.stream, r.client, r.concurrency, r.pinned)
+            == (result.stream, result.client, result.concurrency, result.pinned)
         ),
         None,
     )
@@ -821,6 +874,27 @@ def print_client_choice(requests: Sequence[Result], streams: Sequence[Result]) -
             f"  {what}, c={r.concurrency}: {fmt(ours_us, 2)} vs {fmt(theirs_us, 2)} us "
             f"per {unit} ({fmt(x, 2, 'x')})"
         )
+
+
+def print_protocol_choice(requests: Sequence[Result], compared: Sequence[str]) -> None:
+    """The gateway's HTTP protocol (the front door: uvicorn's httptools protocol with
+    limits) beside uvicorn's own, same run: the measurement behind the front door."""
+    if not compared:
+        return
+    print("\nHTTP protocol (plain route, non-stream, same run): gw plain = the front door")
+    for concurrency in (1, HIGH_CONCURRENCY):
+        rows = [r for r in requests if r.concurrency == concurrency]
+        ours = next(r for r in rows if r.path.label == "gw plain")
+        for label in compared:
+            theirs = next(r for r in rows if r.path.label == label)
+            us_ours, us_theirs = ours.cpu_us(ours.completed), theirs.cpu_us(theirs.completed)
+            x = ratio(us_ours, us_theirs) if us_ours and us_theirs else None
+            print(
+                f"  c={concurrency}: {ours.rate:.0f} vs {theirs.rate:.0f} req/s, p50 "
+                f"{fmt_ms(ours.p(50))} vs {fmt_ms(theirs.p(50))} ms, gateway CPU "
+                f"{fmt(us_ours)} vs {fmt(us_theirs)} us/req ({fmt(x, 2, 'x')}) "
+                f"[gw plain vs {label}]"
+            )
 
 
 def print_targets(
@@ -874,6 +948,36 @@ def print_targets(
         print(
             f"  [{mark(worst is not None and worst <= EVENT_CPU_TARGET_US)}] {label}: <= "
             f"{EVENT_CPU_TARGET_US:g} us gateway CPU per {what} (worst run): {each}"
+        )
+
+
+def print_pinned_targets(pinned: Sequence[Result], gateway_labels: Sequence[str]) -> None:
+    """The pinned row's targets: events/s against direct and the proxy's CPU per event,
+    beside the floor proxy's in the same run (in brackets)."""
+    if not pinned:
+        return
+    direct = next(r for r in pinned if not r.path.through_gateway)
+    floor = floor_of(direct, pinned)
+    floor_x = ratio(floor.events, direct.events) if floor else None
+    floor_us = floor.cpu_us(floor.events) if floor else None
+    print(
+        f"\nTargets of the pinned raw-chunk stream row (concurrency {direct.concurrency}; in "
+        f"brackets the {FLOOR} proxy's value in the same run):"
+    )
+    for label in gateway_labels:
+        r = next(x for x in pinned if x.path.label == label)
+        x = ratio(r.events, direct.events)
+        us = r.cpu_us(r.events)
+        print(
+            f"  [{mark(x is not None and x >= STREAM_RATIO_TARGET)}] {label}: pinned stream at "
+            f"c={r.concurrency} >= {STREAM_RATIO_TARGET:g}x direct: {fmt(x, 2, 'x')} "
+            f"({r.events / r.window:.0f} vs {direct.events / direct.window:.0f} events/s) "
+            f"[{fmt(floor_x, 2, 'x')}]"
+        )
+        print(
+            f"  [{mark(us is not None and us <= EVENT_CPU_TARGET_US)}] {label}: pinned stream at "
+            f"c={r.concurrency}: <= {EVENT_CPU_TARGET_US:g} us gateway CPU per event: "
+            f"{fmt(us, 2)} us [{fmt(floor_us, 2)}]"
         )
 
 
@@ -954,6 +1058,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how the load generator reads a stream: line by line like a minimal SSE client, "
         "raw chunks (the most the client can take: the gateway's ceiling), or both (both)",
     )
+    parser.add_argument(
+        "--pinned-concurrency",
+        type=int,
+        default=PINNED_CONCURRENCY,
+        help="streams of the pinned row: raw-chunk clients, every proxy pinned to one core, "
+        f"upstream and load generator to the other(s); 0: no pinned row ({PINNED_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--compare-http",
+        default="httptools",
+        type=lambda value: [v for v in value.split(",") if v],
+        help="comma-separated uvicorn HTTP protocols (httptools, h11) each run by one more "
+        "gateway, measured on the plain route in the non-stream rows beside the gateway's "
+        "front door (uvicorn's httptools protocol with the limits); '' for none (httptools)",
+    )
     args = parser.parse_args(argv)
     resolve_window_args(parser, args)
     if args.rounds is None:
@@ -962,6 +1081,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be >= 1")
     if args.load_procs < 1 or args.stream_concurrency < 1 or args.stream_chunk < 0:
         parser.error("--load-procs and --stream-concurrency must be >= 1, --stream-chunk >= 0")
+    if args.pinned_concurrency < 0:
+        parser.error("--pinned-concurrency must be >= 0")
     return args
 
 
@@ -995,10 +1116,19 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     )
     bench = Bench(load, gateway, upstream, args)
 
+    # --compare-http: the plain route on a gateway with another HTTP protocol, in the
+    # non-stream rows only (the front door's cost is per request, not per event).
+    compared: list[Target] = []
+    for protocol in args.compare_http:
+        service, url = start_gateway(stack, tmp, upstream_url, routes, protocol)
+        label = f"gw plain/{protocol}"
+        compared.append(Target(label, url, client_headers(routes[0].key), service))
+    if compared:
+        asyncio.run(preflight(compared))
     requests: list[Result] = []
     for concurrency in (1, HIGH_CONCURRENCY):
         measured = interleaved(
-            paths,
+            [*paths, *compared],
             args.rounds,
             functools.partial(bench.measure, stream=False, concurrency=concurrency),
         )
@@ -1026,6 +1156,29 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 f"{r.path.label}: {r.events / r.window:.0f} events/s",
                 flush=True,
             )
+    # The pinned row: every proxy on one core, so that it sets the pace.
+    pinned: list[Result] = []
+    pinning: str | None = None
+    if args.pinned_concurrency:
+        proxies = list({p.proxy.pid: p.proxy for p in paths if p.proxy is not None}.values())
+        with pinned_cpus(proxies, [upstream.pid, *load.pids]) as pinning:
+            pinned = interleaved(
+                paths,
+                args.rounds,
+                functools.partial(
+                    bench.measure,
+                    stream=True,
+                    concurrency=args.pinned_concurrency,
+                    client="chunks",
+                    pinned=True,
+                ),
+            )
+        for r in pinned:
+            print(
+                f"  stream, pinned, concurrency {args.pinned_concurrency}, client reading "
+                f"chunks, {r.path.label}: {r.events / r.window:.0f} events/s",
+                flush=True,
+            )
 
     print("\n== Results ==")
     print(
@@ -1043,9 +1196,17 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         "nearly free, so the gateway sets the pace):"
     )
     print_streams(streams, args.load_procs)
+    if pinned:
+        print(
+            f"\nStreaming, pinned: the same stream read as raw chunks at concurrency "
+            f"{args.pinned_concurrency}, {pinning or 'not pinned (a single CPU)'}:"
+        )
+        print_streams(pinned, args.load_procs)
     print_client_choice(requests, streams)
+    print_protocol_choice(requests, [p.label for p in compared])
     print_targets(requests, streams, [p.label for p in paths if p.proxy is gateway])
-    print_notes(requests + streams, args.load_procs)
+    print_pinned_targets(pinned, [p.label for p in paths if p.proxy is gateway])
+    print_notes(requests + streams + pinned, args.load_procs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
@@ -29,7 +29,13 @@ from keyrelay.auth.core.redis_url import RedisUrlError, parse_redis_url
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
 
+# gRPC keepalive between the gateways and the auth service: the gateway pings every
+# DEFAULT_KEEPALIVE_SECONDS; the auth server permits pings this often (and more).
+DEFAULT_KEEPALIVE_SECONDS = 30.0
+DEFAULT_MIN_CLIENT_PING_INTERVAL_SECONDS = 10.0
+
 ReadFile = Callable[[str], str]
+_Config = TypeVar("_Config")
 Role = Literal["gateway", "admin"]
 ROLES: tuple[Role, ...] = ("gateway", "admin")
 TokenAuthMethod = Literal["none", "client_secret_basic", "client_secret_post"]
@@ -146,6 +152,9 @@ class AuthConfig:
     refresh_backoff_base_seconds: float = 1.0
     refresh_backoff_cap_seconds: float = 60.0
     forced_refresh_cooldown_seconds: float = 30.0
+    # A client may ping this often without a GOAWAY too_many_pings (gRPC's default is
+    # 5 min); the gateways ping every gateway.auth.keepalive_seconds (30).
+    min_client_ping_interval_seconds: float = DEFAULT_MIN_CLIENT_PING_INTERVAL_SECONDS
     log_level: str = "info"
     tls: TlsConfig | None = None
     web: WebConfig | None = None  # no [auth.web] section: no HTTP side
@@ -534,6 +543,11 @@ def parse_auth_config(
         forced_refresh_cooldown_seconds=auth.number(
             "forced_refresh_cooldown_seconds", 30.0, minimum=0.0
         ),
+        min_client_ping_interval_seconds=auth.number(
+            "min_client_ping_interval_seconds",
+            DEFAULT_MIN_CLIENT_PING_INTERVAL_SECONDS,
+            minimum=0.1,
+        ),
         log_level=auth.string("log_level", "info").lower(),
         tracing=_parse_tracing(auth.table("tracing"), gateway=False),
         tls=tls,
@@ -561,7 +575,20 @@ def _redis_url(auth: _Section, env: Mapping[str, str], read_file: ReadFile) -> s
 
 
 def load_auth_config(path: str, env: Mapping[str, str]) -> AuthConfig:
-    return parse_auth_config(load_toml(path), env)
+    return _parse_file(path, parse_auth_config, env)
+
+
+def _parse_file(
+    path: str,
+    parse: Callable[[Mapping[str, Any], Mapping[str, str]], _Config],
+    env: Mapping[str, str],
+) -> _Config:
+    """``parse`` of the file at ``path``; every error names the file, then the key."""
+    data = load_toml(path)
+    try:
+        return parse(data, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 # -- gateway -------------------------------------------------------------------
@@ -612,6 +639,9 @@ class AuthClientConfig:
     target: str
     token: str = field(repr=False)
     timeout_seconds: float = 40.0
+    # HTTP/2 pings on the channel (they find a dead connection under an idle event
+    # stream); auth.min_client_ping_interval_seconds must permit them.
+    keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -819,6 +849,9 @@ def parse_gateway_config(
             target=auth_section.string("target"),
             token=token,
             timeout_seconds=auth_section.number("timeout_seconds", 40.0, minimum=0.1),
+            keepalive_seconds=auth_section.number(
+                "keepalive_seconds", DEFAULT_KEEPALIVE_SECONDS, minimum=1.0
+            ),
             ca_file=auth_section.optional_string("ca_file"),
             cert_file=auth_section.optional_string("cert_file"),
             key_file=auth_section.optional_string("key_file"),
@@ -892,4 +925,4 @@ def parse_gateway_config(
 
 
 def load_gateway_config(path: str, env: Mapping[str, str]) -> GatewayConfig:
-    return parse_gateway_config(load_toml(path), env)
+    return _parse_file(path, parse_gateway_config, env)

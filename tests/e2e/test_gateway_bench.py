@@ -52,6 +52,11 @@ def test_bench_gateway_smoke_run_prints_every_row(tmp_path: Path) -> None:
         "gateway CPU per untouched SSE event",
     ):
         assert re.search(rf"\[(PASS|MISS)\] gw plain: .*{re.escape(target)}", out), target
+    # The pinned raw-chunk stream row at concurrency 8, the floor's value beside.
+    for target in ("pinned stream at c=8 >= 0.85x direct", "pinned stream at c=8: <= 4 us"):
+        assert re.search(rf"\[(PASS|MISS)\] gw plain: {re.escape(target)}.*\[[0-9.]+x?\]", out), (
+            target
+        )
     # The two bare proxies side by side: the measurement behind the upstream client.
     assert re.search(r"non-stream, c=32: [0-9.]+ vs [0-9.]+ us per request", out), out
     assert re.search(r"stream, client reading chunks, c=4: [0-9.]+ vs [0-9.]+ us per event", out)

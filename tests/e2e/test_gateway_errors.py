@@ -54,7 +54,7 @@ async def still_serving(stack: Stack) -> None:
         (json.dumps({**SIMPLE, "tools": "nope"}).encode(), {}, 400, "invalid_request_error",
          "tools"),
         (json.dumps(SIMPLE).encode(), {"x-api-key": "kr-unknown"}, 401,
-         "authentication_error", "invalid gateway key"),
+         "authentication_error", "not in the gateway's [[keys]]"),
         (json.dumps(SIMPLE).encode(), {"x-api-key": ""}, 401, "authentication_error",
          "missing gateway key"),
     ],

@@ -212,7 +212,7 @@ def test_auth_serve_with_a_bad_config_names_the_key(tmp_path: Path) -> None:
     config.write_text('[auth]\nskew_seconds = "soon"\n')
     result = auth_serve(config, {"KEYRELAY_ENCRYPTION_KEYS": ""})
     assert result.returncode == 1
-    assert result.stderr.startswith("keyrelay: auth.")
+    assert result.stderr.startswith(f"keyrelay: {config}: auth.")  # the file, then the key
     assert "Traceback" not in result.stderr
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import venv
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,7 @@ def dist(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runtime_venv(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def runtime_venv(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the runtime lock's dependencies and nothing of keyrelay."""
     path = tmp_path_factory.mktemp("venv") / "v"
     venv.create(path, with_pip=True)

@@ -6,7 +6,9 @@ stream of ``message_start``, content blocks (text, and ``tool_use`` with
 ``message_stop``, written in whatever chunking the test asks for. A test can
 script the next responses (status, raw body, raw SSE bytes) and make it
 refuse tokens (some, or every one) with a 401 the way the real API refuses an
-expired one.
+expired one. A scripted answer can also be written raw on the socket in a
+chosen framing (``Content-Length``, chunked, or until EOF) and then cut: a FIN
+(``close``) or a TCP reset, where the framing promised more bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import asyncio
 import json
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -70,6 +73,14 @@ class Scripted:
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    # With a framing, the answer is written raw on the socket (the chunker cuts the
+    # body into writes; "chunked": one HTTP chunk per write) and then, with a cut,
+    # the connection ends where the framing promised more: "length" declares 100
+    # bytes more than sent, "chunked" declares the last chunk 100 bytes longer,
+    # "eof" (no length, "connection: close") ends at the cut. "fin" closes the
+    # connection, "reset" sends a TCP RST; None ends the answer as framed.
+    framing: Literal["length", "chunked", "eof"] | None = None
+    cut: Literal["fin", "reset"] | None = None
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -253,6 +264,8 @@ class FakeUpstream:
             )
         if self.script:
             scripted = self.script.pop(0)
+            if scripted.framing is not None:
+                return await self._write_raw(request, scripted)
             return await self._write(
                 request, scripted.status, scripted.body, scripted.content_type, scripted.headers
             )
@@ -294,6 +307,43 @@ class FakeUpstream:
             self.aborted_streams += 1  # the gateway hung up on us
             raise
         return response
+
+    async def _write_raw(self, request: web.Request, scripted: Scripted) -> web.StreamResponse:
+        """The answer written straight on the socket, then maybe cut (see ``Scripted``)."""
+        transport = request.transport
+        assert transport is not None
+        cut = scripted.cut
+        body = scripted.body
+        head = [f"HTTP/1.1 {scripted.status} Scripted", f"content-type: {scripted.content_type}"]
+        head += [f"{name}: {value}" for name, value in scripted.headers.items()]
+        if scripted.framing == "length":
+            head.append(f"content-length: {len(body) + (100 if cut else 0)}")
+        elif scripted.framing == "chunked":
+            head.append("transfer-encoding: chunked")
+        else:
+            head.append("connection: close")
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        pieces = self.chunker(body) if body else []
+        for i, piece in enumerate(pieces):
+            data = piece
+            if scripted.framing == "chunked":
+                short = cut is not None and i == len(pieces) - 1  # the chunk that is cut
+                size = b"%x\r\n" % (len(piece) + (100 if short else 0))
+                data = size + piece + (b"" if short else b"\r\n")
+            transport.write(data)
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        if scripted.framing == "chunked" and not cut:
+            transport.write(b"0\r\n\r\n")
+        if cut == "reset":
+            # Let the bytes reach the gateway first: an RST can overtake unread data.
+            await asyncio.sleep(0.2)
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if cut or scripted.framing == "eof":
+            transport.close()
+        # The answer went out raw: aiohttp must not write one of its own.
+        raise asyncio.CancelledError
 
     def last(self) -> Recorded:
         return self.requests[-1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Final
 
 import grpc
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RPC_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_ENDPOINT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -67,8 +67,22 @@ EVENTS: Final = Counter(
     "Account events this replica appended to the event stream, by kind",
     ["kind"],
 )
+STORE_ERRORS: Final = Counter(
+    "keyrelay_auth_store_errors",
+    "Token-store operations that failed, by operation (a RedisStore method, e.g. get_account; "
+    "ping for a readiness check) and kind (the exception class, e.g. ConnectionError; "
+    "deadline for a readiness check without an answer in time)",
+    ["operation", "kind"],
+)
+READINESS_RESULTS: Final = ("ready", "not_ready", "timeout")
+READINESS_CHECKS: Final = Counter(
+    "keyrelay_auth_readiness_checks",
+    "Checks of the token store for /readyz (concurrent probes share one), by result",
+    ["result"],
+)
 
 _EVENTS: Final = {kind: EVENTS.labels(kind) for kind in EVENT_KINDS}
+_READINESS: Final = {result: READINESS_CHECKS.labels(result) for result in READINESS_RESULTS}
 
 
 class RpcMetrics:
@@ -110,3 +124,43 @@ def refresh(provider: str, outcome: str) -> None:
 
 def token_endpoint(provider: str, call: str, seconds: float) -> None:
     TOKEN_ENDPOINT_SECONDS.labels(provider, call).observe(seconds)
+
+
+def store_error(operation: str, kind: str) -> None:
+    STORE_ERRORS.labels(operation, kind).inc()
+
+
+def readiness(result: str) -> None:
+    _READINESS[result].inc()
+
+
+# -- WatchEvents fan-out (keyrelay.auth.events) ------------------------------------------
+
+WATCH_SUBSCRIBERS: Final = Gauge(
+    "keyrelay_auth_watch_subscribers",
+    "WatchEvents subscribers this replica serves (live and catching up from history)",
+)
+WATCH_FANNED_OUT: Final = Counter(
+    "keyrelay_auth_watch_events_fanned_out",
+    "Events handed to WatchEvents subscribers (one per event per subscriber), by source: "
+    "live (from memory) or history (read from Redis for a subscriber behind)",
+    ["source"],
+)
+WATCH_CUT: Final = Counter(
+    "keyrelay_auth_watch_subscribers_cut",
+    "WatchEvents subscribers cut (RESOURCE_EXHAUSTED) for falling more than "
+    "events_subscriber_queue events behind",
+)
+WATCH_REFUSED: Final = Counter(
+    "keyrelay_auth_watch_subscribers_refused",
+    "WatchEvents calls refused (RESOURCE_EXHAUSTED) at events_max_subscribers",
+)
+WATCH_READER_UP: Final = Gauge(
+    "keyrelay_auth_watch_reader_up",
+    "1 while this replica's reader of the event stream reads it, 0 while Redis fails it",
+)
+_FANNED_OUT: Final = {source: WATCH_FANNED_OUT.labels(source) for source in ("live", "history")}
+
+
+def watch_events_fanned_out(source: str, count: int) -> None:
+    _FANNED_OUT[source].inc(count)

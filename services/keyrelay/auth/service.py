@@ -26,9 +26,10 @@ import random
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from redis.exceptions import RedisError
 
@@ -66,17 +67,23 @@ from keyrelay.auth.core.refresh import (
     Written,
     satisfies,
 )
+from keyrelay.auth.core.store_failure import store_operation
 from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
+from keyrelay.auth.events import EventHub, Watch
 from keyrelay.auth.provider_client import ProviderClient
 from keyrelay.auth.store.crypto import DecryptError
 from keyrelay.auth.store.redis_store import (
     AccountRecord,
     FlowRecord,
     RedisStore,
-    StoredEvent,
     StoredTokens,
 )
-from keyrelay.config import ProviderConfig
+from keyrelay.config import (
+    DEFAULT_EVENTS_MAX_SUBSCRIBERS,
+    DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
+    ProviderConfig,
+)
+from keyrelay.log_limit import LineLimiter
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth")
@@ -90,6 +97,18 @@ DEFAULT_TIMINGS = Timings()
 # Between tries to store tokens the provider already issued (Redis down meanwhile).
 STORE_RETRY_SECONDS = 0.5
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+MAX_EVENT_ID_PART = 2**64 - 1  # each half of a Redis stream id is a 64-bit number
+# Store errors: one log line per operation and error class per this many seconds
+# (each line counts those left out; the metric counts every error).
+STORE_ERROR_LOG_INTERVAL_SECONDS = 10.0
+STORE_ERROR_LINE = "token store (Redis) error"
+STORE_BACK_LINE = "token store (Redis) answers again"
+MAX_DETAIL_CHARS = 200
+_STORE_MODULE = RedisStore.__module__  # where store_operation finds the operation
+_ANSWERS_AGAIN = ("", "answers again")  # the limiter's key of STORE_BACK_LINE
+# The readiness check of Redis (web /readyz) answers within this: a kubelet's probe
+# waits 1 s by default, and redis-py's reconnect retries would take seconds.
+READY_DEADLINE_SECONDS = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,18 +162,103 @@ class _Run:
             self.renewer = None
 
 
-@contextmanager
-def store_errors() -> Iterator[None]:
-    """The one place where Redis and decryption failures become domain errors."""
-    try:
-        yield
-    except RedisError as exc:
-        raise Unavailable(f"token store (Redis) unavailable: {type(exc).__name__}") from exc
-    except DecryptError as exc:
-        log.error("stored tokens cannot be decrypted", extra={"error": str(exc)})
-        raise Unavailable(
-            "stored tokens cannot be decrypted with the configured encryption keys"
-        ) from exc
+class StoreErrors:
+    """The one place where Redis and decryption failures become domain errors:
+    ``with self._store_errors:`` around store calls.
+
+    Every failure is counted (``keyrelay_auth_store_errors_total``, by operation and
+    error class) and logged as an error naming the operation (the store method, read
+    from the traceback: ``store_operation``), the error class and the Redis address
+    without credentials; at most one line per operation and class per
+    ``interval`` seconds, which says how many lines were left out before it
+    (``suppressed``). The first success after Redis errors logs, as a warning,
+    that the store answers again and how many operations failed meanwhile (no
+    more often than ``interval`` either: what is not logged is carried on).
+    """
+
+    __slots__ = ("_address", "_clock", "_errors", "_failing", "_first_error_at", "_lines")
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        interval: float = STORE_ERROR_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._address = address or "unknown"
+        self._lines: LineLimiter[tuple[str, str]] = LineLimiter(interval)
+        self._clock = clock
+        self._failing = False  # the last store operation failed with a Redis error
+        self._errors = 0  # Redis errors since the last "answers again" line
+        self._first_error_at = 0.0  # the first of those
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            if self._failing:
+                self.answered()
+        elif isinstance(exc, RedisError):
+            kind = type(exc).__name__
+            self.failed(store_operation(tb, _STORE_MODULE), kind, str(exc))
+            raise Unavailable(f"token store (Redis) unavailable: {kind}") from exc
+        elif isinstance(exc, DecryptError):
+            operation = store_operation(tb, _STORE_MODULE)
+            metrics.store_error(operation, "DecryptError")
+            suppressed = self._lines.admit((operation, "DecryptError"), self._clock())
+            if suppressed is not None:
+                log.error(
+                    "stored tokens cannot be decrypted",
+                    extra={"error": str(exc), "suppressed": suppressed},
+                )
+            raise Unavailable(
+                "stored tokens cannot be decrypted with the configured encryption keys"
+            ) from exc
+
+    def failed(self, operation: str, kind: str, detail: str) -> None:
+        """A Redis operation failed: count it, log it (rate-limited)."""
+        metrics.store_error(operation, kind)
+        now = self._clock()
+        if self._errors == 0:
+            self._first_error_at = now
+        self._errors += 1
+        self._failing = True
+        suppressed = self._lines.admit((operation, kind), now)
+        if suppressed is not None:
+            log.error(
+                STORE_ERROR_LINE,
+                extra={
+                    "operation": operation,
+                    "error": kind,
+                    "detail": detail[:MAX_DETAIL_CHARS],
+                    "address": self._address,
+                    "suppressed": suppressed,
+                },
+            )
+
+    def answered(self) -> None:
+        """A Redis operation succeeded."""
+        if not self._failing:
+            return
+        self._failing = False
+        now = self._clock()
+        if self._lines.admit(_ANSWERS_AGAIN, now) is None:
+            return
+        log.warning(
+            STORE_BACK_LINE,
+            extra={
+                "address": self._address,
+                "errors": self._errors,
+                "down_seconds": round(now - self._first_error_at, 1),
+            },
+        )
+        self._errors = 0
 
 
 class AuthService:
@@ -168,8 +272,20 @@ class AuthService:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         tracer: Tracer = NOOP_TRACER,
+        store_address: str = "",
+        events: EventHub | None = None,
     ) -> None:
+        """``store_address``: how log lines name Redis, without credentials
+        (``store_failure.redis_address`` of the configured URL). ``events``: the
+        replica's reader of the event stream (default: one with the default limits)."""
         self._store = store
+        self._events = events or EventHub(
+            store,
+            queue_events=DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
+            max_subscribers=DEFAULT_EVENTS_MAX_SUBSCRIBERS,
+        )
+        self._store_errors = StoreErrors(store_address)
+        self._ready_check: asyncio.Task[bool] | None = None
         self._providers = providers
         self._client = provider_client
         self._t = timings
@@ -220,7 +336,7 @@ class AuthService:
             code_challenge=pkce.s256_challenge(verifier),
             extra_params=dict(provider.authorize_params),
         )
-        with store_errors():
+        with self._store_errors:
             await self._store.put_flow(flow, self._t.flow_ttl)
         log.info("flow started", extra={"account_id": account_id, "provider": provider.name})
         return StartedFlow(flow.flow_id, url, flow.expires_at)
@@ -228,7 +344,7 @@ class AuthService:
     async def _get_flow(self, flow_id: str) -> FlowRecord:
         flow = None
         if FLOW_ID.match(flow_id):
-            with store_errors():
+            with self._store_errors:
                 flow = await self._store.get_flow(flow_id)
         if flow is None:
             raise NotFound("flow not found: it expired, was cancelled or was already used")
@@ -238,7 +354,7 @@ class AuthService:
         flow = await self._get_flow(flow_id)
         code = parse_pasted_code(pasted)
         resolve_state(code, state or None, flow.state)
-        with store_errors():
+        with self._store_errors:
             claimed = await self._store.claim_flow(flow_id)
         if claimed is None:
             raise NotFound("flow not found: it expired, was cancelled or was already used")
@@ -272,7 +388,7 @@ class AuthService:
                 f"{': ' + err.description if err.description else ''}; start a new flow"
             ) from None
         now = self._clock()
-        with store_errors():
+        with self._store_errors:
             await self._store.connect(
                 claimed.account_id,
                 provider=provider.name,
@@ -294,7 +410,7 @@ class AuthService:
     async def cancel_flow(self, flow_id: str) -> None:
         deleted = False
         if FLOW_ID.match(flow_id):
-            with store_errors():
+            with self._store_errors:
                 deleted = await self._store.delete_flow(flow_id)
         if not deleted:
             raise NotFound("flow not found: it expired, was cancelled or was already used")
@@ -303,14 +419,14 @@ class AuthService:
 
     async def get_account(self, account_id: str) -> AccountRecord:
         validate_account_id(account_id)
-        with store_errors():
+        with self._store_errors:
             record = await self._store.get_account(account_id)
         if record is None:
             raise NotFound(f"account {account_id!r} was never connected")
         return record
 
     async def list_accounts(self) -> list[AccountRecord]:
-        with store_errors():
+        with self._store_errors:
             ids = await self._store.list_account_ids()
             records = [await self._store.get_account(i) for i in ids]
         return [r for r in records if r is not None]
@@ -319,7 +435,7 @@ class AuthService:
         record = await self.get_account(account_id)
         if record.connected:
             await self._revoke_quietly(record)
-            with store_errors():
+            with self._store_errors:
                 if await self._store.disconnect(
                     account_id, reason="user", expected_generation=None, now=self._clock()
                 ):
@@ -332,7 +448,7 @@ class AuthService:
         if provider is None or provider.revoke_url is None or record.tokens_blob is None:
             return
         try:
-            with store_errors():
+            with self._store_errors:
                 tokens = self._store.decrypt_tokens(record)
             if tokens.refresh_token:
                 token, hint = tokens.refresh_token, "refresh_token"
@@ -468,7 +584,7 @@ class AuthService:
             case ReadAccount():
                 return await self._read_state(run, account_id)
             case TryLock():
-                with store_errors():
+                with self._store_errors:
                     run.owner = await self._store.try_lock(account_id, self._t.lock_ttl)
                 self._tracer.annotate({"keyrelay.lock": "acquired" if run.owner else "waited"})
                 if run.owner is None:
@@ -478,7 +594,7 @@ class AuthService:
                 await asyncio.sleep(seconds)
                 return None
             case CheckHolder():
-                with store_errors():
+                with self._store_errors:
                     current = await self._store.get_account(account_id)
                     held = await self._store.lock_held(account_id)
                 return HolderState(None if current is None else current.generation, held)
@@ -526,7 +642,7 @@ class AuthService:
         raise AssertionError(f"not a terminal command: {command!r}")
 
     async def _read_state(self, run: _Run, account_id: str) -> AccountState:
-        with store_errors():
+        with self._store_errors:
             record = await self._store.get_account(account_id)
             run.record = record
             run.tokens = None
@@ -641,7 +757,7 @@ class AuthService:
         record = run.record
         assert record is not None
         self._refresh_outcome(record.provider, "invalid_grant")
-        with store_errors():
+        with self._store_errors:
             generation = await self._store.disconnect(
                 record.account_id,
                 reason=command.reason,
@@ -670,7 +786,7 @@ class AuthService:
                 "retry_in_seconds": round(command.retry_at - self._clock(), 3),
             },
         )
-        with store_errors():
+        with self._store_errors:
             failures = await self._store.record_refresh_failure(
                 record.account_id,
                 expected_generation=command.expected_generation,
@@ -713,23 +829,49 @@ class AuthService:
 
     # -- events -------------------------------------------------------------
 
-    async def events_cursor(self, after_event_id: str = "") -> str:
-        """Where a watch starts: right after ``after_event_id``, or at the current end."""
-        if after_event_id and not EVENT_ID.match(after_event_id):
-            raise InvalidArgument("after_event_id must be a stream id like 1700000000000-0")
-        if after_event_id:
-            return after_event_id
-        with store_errors():
-            return await self._store.last_event_id()
+    @property
+    def events(self) -> EventHub:
+        """The replica's one reader of the event stream (the server starts and stops it)."""
+        return self._events
 
-    async def watch_events(self, after_event_id: str = "") -> AsyncIterator[StoredEvent]:
-        cursor = await self.events_cursor(after_event_id)
-        while True:
-            with store_errors():
-                events = await self._store.read_events(cursor)
-            for event in events:
-                cursor = event.event_id
-                yield event
+    def watch_events(self, after_event_id: str = "", *, peer: str = "") -> Watch:
+        """The events after ``after_event_id`` ("": from now on), from the replica's one
+        reader (``keyrelay.auth.events``); ``starting_point`` names where it starts.
+        No Redis call unless the cursor is older than the reader's memory."""
+        if after_event_id and not (
+            EVENT_ID.match(after_event_id)
+            and all(int(part) <= MAX_EVENT_ID_PART for part in after_event_id.split("-"))
+        ):
+            raise InvalidArgument("after_event_id must be a stream id like 1700000000000-0")
+        return self._events.subscribe(after_event_id, peer=peer)
 
     async def ready(self) -> bool:
-        return await self._store.ping()
+        """Redis answers a PING within READY_DEADLINE_SECONDS (web ``/readyz``).
+
+        Concurrent callers share one check, so probes, however many, cost one
+        PING at a time; a caller that goes away leaves the check to the others.
+        """
+        check = self._ready_check
+        if check is None or check.done():
+            check = self._ready_check = asyncio.create_task(self._check_ready())
+        return await asyncio.shield(check)
+
+    async def _check_ready(self) -> bool:
+        try:
+            # The deadline cuts redis-py's reconnect retries short: an answer that
+            # waited them out (seconds) would come after the prober gave up.
+            async with asyncio.timeout(READY_DEADLINE_SECONDS):
+                await self._store.client.ping()
+        except RedisError as exc:
+            self._store_errors.failed("ping", type(exc).__name__, str(exc))
+            metrics.readiness("not_ready")
+            return False
+        except TimeoutError:
+            self._store_errors.failed(
+                "ping", "deadline", f"no answer within {READY_DEADLINE_SECONDS} s"
+            )
+            metrics.readiness("timeout")
+            return False
+        self._store_errors.answered()
+        metrics.readiness("ready")
+        return True

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
 from keyrelay.gateway.tracing import GetToken, traced_get_token
@@ -56,6 +57,49 @@ SERVICE_CONFIG: Final = json.dumps(
         ],
     }
 )
+
+
+# /readyz answers within this (the kubelet's probe waits 3 s: deploy/base/gateway.yaml).
+READY_DEADLINE_SECONDS: Final = 0.8
+AUTH_SERVICE: Final = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# GetAccount of an account that does not exist: NOT_FOUND says the store answered.
+READY_PROBE_ACCOUNT: Final = "readyz-probe"
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What the gateway's ``/readyz`` says (README, "Readiness").
+
+    ``result``: ``ready`` (an auth replica answers and takes this gateway's
+    service token), ``auth_unreachable`` or ``token_refused``. ``store``: whether
+    the auth service's token store answered (``ok``, ``unavailable``; ``unknown``
+    when no replica did): it does not decide readiness, cached tokens serve while
+    it is down. ``cached_tokens``: the tokens this worker holds that are still valid.
+    """
+
+    result: str
+    store: str  # "" for a gateway without [gateway.auth]
+    cached_tokens: int
+
+    @property
+    def ready(self) -> bool:
+        return self.result == "ready"
+
+    def body(self) -> bytes:
+        """The JSON ``/readyz`` answers: ``{"status": ..., "store": ..., "cached_tokens": n}``."""
+        entry: dict[str, object] = {"status": READINESS_STATUS[self.result]}
+        if self.store:
+            entry |= {"store": self.store, "cached_tokens": self.cached_tokens}
+        return json.dumps(entry, separators=(",", ":")).encode()
+
+
+READINESS_STATUS: Final = {
+    "ready": "ready",
+    "auth_unreachable": "auth service unreachable",
+    "token_refused": "the auth service refused this gateway's service token",
+}
+# Without [gateway.auth] (API-key routes only) nothing outside the worker is needed.
+READY_WITHOUT_AUTH: Final = Readiness("ready", "", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +146,16 @@ def open_channel(
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    keepalive_seconds: float = 30.0,
 ) -> aio.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
-        ("grpc.keepalive_time_ms", 30_000),
+        # Pings every keepalive_seconds, also under an event stream that carries no
+        # data for hours (gRPC stops after 2 pings without data unless told not to);
+        # the auth server permits them (auth.min_client_ping_interval_seconds).
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if ca_file is None:
         return aio.insecure_channel(target, options=options)
@@ -134,6 +183,8 @@ class TokenClient:
     ) -> None:
         self._channel = channel
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._ready_check: asyncio.Task[Readiness] | None = None
         # Chosen once: without tracing, the stub's own callable (no span, no traceparent).
         self._get_token: GetToken = (
             traced_get_token(tracer, self._stub.GetToken) if tracer.enabled else self._stub.GetToken
@@ -270,17 +321,56 @@ class TokenClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def ready(self) -> bool:
-        """True when an auth replica answers (used by ``/readyz``)."""
+    async def ready(self) -> Readiness:
+        """For ``/readyz``, within READY_DEADLINE_SECONDS. Concurrent callers share
+        one check: probes, however many, cost two RPCs at a time."""
+        check = self._ready_check
+        if check is None or check.done():
+            check = self._ready_check = asyncio.create_task(self._check_ready())
+        return await asyncio.shield(check)
+
+    async def _check_ready(self) -> Readiness:
+        """Two RPCs at once, each with the deadline: the health service answers from
+        the replica's memory (reachable?), ``GetAccount`` of an account that does not
+        exist goes through the service-token check and Redis (NOT_FOUND: both fine)."""
+        replica_answered, code = await asyncio.gather(self._health_answers(), self._probe_store())
+        store_answered = code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)
+        store = "ok" if store_answered else "unknown"
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            result = "token_refused"
+        elif store_answered:
+            result = "ready"
+        elif replica_answered:
+            # A replica answered, its store did not in time: cached tokens still serve.
+            result, store = "ready", "unavailable"
+        else:
+            result = "auth_unreachable"
+        now = self._clock()
+        valid = sum(1 for t in self._cache.values() if t.expires_at - self._skew > now)
+        return Readiness(result, store, valid)
+
+    async def _health_answers(self) -> bool:
+        """Whether a replica answers the health service (whatever the status it gives:
+        a draining one is one of several)."""
+        try:
+            await self._health.Check(
+                health_pb2.HealthCheckRequest(service=AUTH_SERVICE),
+                timeout=READY_DEADLINE_SECONDS,
+            )
+        except aio.AioRpcError:
+            return False
+        return True
+
+    async def _probe_store(self) -> grpc.StatusCode:
         try:
             await self._stub.GetAccount(
-                auth_pb2.GetAccountRequest(account_id="readyz-probe"),
+                auth_pb2.GetAccountRequest(account_id=READY_PROBE_ACCOUNT),
                 metadata=self._metadata,
-                timeout=2.0,
+                timeout=READY_DEADLINE_SECONDS,
             )
         except aio.AioRpcError as exc:
-            return exc.code() == grpc.StatusCode.NOT_FOUND
-        return True
+            return exc.code()
+        return grpc.StatusCode.OK
 
 
 @contextlib.asynccontextmanager

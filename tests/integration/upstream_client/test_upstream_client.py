@@ -1,8 +1,8 @@
 """The gateway's upstream HTTP client against real loopback servers that write exact bytes.
 
-Each server here is a plain asyncio TCP server: it reads one request at a time
-and answers with whatever the test scripts, so framing, keep-alive, timeouts,
-back-pressure and broken answers are all on the wire, not imagined.
+The servers (``tests/support/scripted_upstream.py``) read one request at a
+time and answer with whatever the test scripts, so framing, keep-alive,
+timeouts, back-pressure and broken answers are all on the wire, not imagined.
 """
 
 from __future__ import annotations
@@ -13,196 +13,28 @@ import gzip
 import socket
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from keyrelay.config import UpstreamConfig
 from keyrelay.gateway.core.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, GatewayError
 from keyrelay.gateway.http import upstream as upstream_module
-from keyrelay.gateway.http.upstream import HIGH_WATER_BYTES, UpstreamResponse, Upstreams
+from keyrelay.gateway.http.upstream import HIGH_WATER_BYTES, Upstreams
 from tests.support.certs import make_pki
-
-Answer = Callable[["Request", asyncio.StreamWriter], Awaitable[None]]
-Make = Callable[..., Awaitable[tuple["ScriptedServer", Upstreams]]]
-
-
-@dataclass
-class Request:
-    head: bytes
-    body: bytes
-    connection: int  # which accepted connection it came on (0, 1, ...)
-    reader: asyncio.StreamReader = field(repr=False)
-
-    @property
-    def request_line(self) -> bytes:
-        return self.head.split(b"\r\n", 1)[0]
-
-    def header(self, name: bytes) -> bytes | None:
-        for line in self.head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == name:
-                return value.strip()
-        return None
-
-
-@dataclass
-class ScriptedServer:
-    """Answers request ``n`` with ``answers[n]`` (the last one repeats)."""
-
-    answers: list[Answer]
-    requests: list[Request] = field(default_factory=list)
-    connections: int = 0
-    open_now: int = 0
-    most_open: int = 0
-    closed_by_client: int = 0
-    server: asyncio.Server | None = None
-    port: int = 0
-    ssl_context: ssl.SSLContext | None = None
-    writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    alpn: list[str | None] = field(default_factory=list)  # per TLS connection
-
-    async def start(self) -> ScriptedServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        number = self.connections
-        self.connections += 1
-        self.writers.add(writer)
-        tls = writer.get_extra_info("ssl_object")
-        if tls is not None:
-            self.alpn.append(tls.selected_alpn_protocol())
-        self.open_now += 1
-        self.most_open = max(self.most_open, self.open_now)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    self.closed_by_client += 1
-                    return
-                request = Request(head, b"", number, reader)
-                length = int(request.header(b"content-length") or 0)
-                request.body = await reader.readexactly(length)
-                self.requests.append(request)
-                answer = self.answers[min(len(self.requests) - 1, len(self.answers) - 1)]
-                await answer(request, writer)
-                if writer.is_closing():
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self.open_now -= 1
-            self.writers.discard(writer)
-            writer.close()
-
-
-def raw(data: bytes, *, close: bool = False) -> Answer:
-    async def answer(request: Request, writer: asyncio.StreamWriter) -> None:
-        writer.write(data)
-        await writer.drain()
-        if close:
-            writer.close()
-
-    return answer
-
-
-def json_answer(body: bytes = b'{"ok":true}', *, extra: bytes = b"") -> Answer:
-    return raw(
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        + extra
-        + b"content-length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
-    )
-
-
-def chunked(parts: list[bytes], *, headers: bytes = b"") -> bytes:
-    out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + headers
-    out += b"transfer-encoding: chunked\r\n\r\n"
-    for part in parts:
-        out += f"{len(part):x}\r\n".encode() + part + b"\r\n"
-    return out + b"0\r\n\r\n"
-
-
-def stall() -> Answer:
-    """Never answers; returns when the client closes the connection."""
-
-    async def answer(request: Request, writer: asyncio.StreamWriter) -> None:
-        await request.reader.read()
-
-    return answer
-
-
-def config(port: int, **overrides: object) -> UpstreamConfig:
-    values: dict[str, object] = {"name": "up", "url": f"http://127.0.0.1:{port}"}
-    values.update(overrides)
-    return UpstreamConfig(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[tuple[ScriptedServer, Upstreams]] = []
-
-    async def factory(
-        *answers: Answer,
-        ssl_context: ssl.SSLContext | None = None,
-        base_path: str = "",
-        **overrides: object,
-    ) -> tuple[ScriptedServer, Upstreams]:
-        server = await ScriptedServer(list(answers), ssl_context=ssl_context).start()
-        scheme, host = ("https", "localhost") if ssl_context else ("http", "127.0.0.1")
-        overrides["url"] = f"{scheme}://{host}:{server.port}{base_path}"
-        upstreams = Upstreams({"up": config(server.port, **overrides)})
-        await upstreams.start()
-        made.append((server, upstreams))
-        return server, upstreams
-
-    yield factory
-    for server, upstreams in made:
-        await upstreams.close()
-        await server.stop()
-
-
-async def post(
-    upstreams: Upstreams,
-    *,
-    path: str = "/v1/messages",
-    headers: list[tuple[str, str]] | None = None,
-    query: list[tuple[str, str]] | None = None,
-    body: bytes = b'{"model":"m"}',
-    port_config: UpstreamConfig | None = None,
-) -> UpstreamResponse:
-    upstream = port_config or next(iter(upstreams._configs.values()))
-    return await upstreams.post(upstream, path, headers or [], query or [], body)
-
-
-async def read(upstreams: Upstreams, **kwargs: object) -> tuple[int, bytes]:
-    response = await post(upstreams, **kwargs)  # type: ignore[arg-type]
-    try:
-        return response.status, await response.read_all()
-    finally:
-        response.release()
-
-
-async def settle(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
+from tests.support.scripted_upstream import (
+    Answer,
+    Make,
+    Request,
+    ScriptedServer,
+    chunked,
+    config,
+    json_answer,
+    post,
+    raw,
+    read,
+    settle,
+    stall,
+)
 
 # -- the request on the wire -------------------------------------------------------
 
@@ -409,9 +241,8 @@ async def test_an_idle_connection_the_server_closed_is_not_used(
     assert server.connections == 2
 
 
-async def test_idle_connections_expire(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream_module, "IDLE_SECONDS", 0.05)
-    server, upstreams = await make(json_answer())
+async def test_idle_connections_expire(make: Make) -> None:
+    server, upstreams = await make(json_answer(), idle_timeout_seconds=0.05)
     assert (await read(upstreams))[0] == 200
     await asyncio.sleep(0.1)
     assert (await read(upstreams))[0] == 200

@@ -138,8 +138,14 @@ REALISTIC_BYTES = b"".join(REALISTIC)
 
 
 def run(transformer: StreamTransformer, chunks: Sequence[bytes]) -> bytes:
-    out = b"".join(transformer.feed(chunk) for chunk in chunks)
-    return out + transformer.close()
+    """A whole upstream body: fed, then closed (a stream without message_stop, or
+    with a last event cut short, then ends with the gateway's error event)."""
+    return feed_all(transformer, chunks) + transformer.close()
+
+
+def feed_all(transformer: StreamTransformer, chunks: Sequence[bytes]) -> bytes:
+    """What goes out while a piece of a stream is fed (no end of the stream yet)."""
+    return b"".join(transformer.feed(chunk) for chunk in chunks)
 
 
 def tool_names_in(stream: bytes) -> list[str]:
@@ -188,7 +194,7 @@ def test_renamed_event_keeps_everything_but_the_name() -> None:
         + json.dumps(start).encode()
         + b"\n\n"
     )
-    out = run(StreamTransformer(TABLE), [raw])
+    out = feed_all(StreamTransformer(TABLE), [raw])
     expected_data = {**start, "content_block": {**start["content_block"], "name": "mcp_x"}}  # type: ignore[dict-item]
     assert out == encode_event(
         "content_block_start", json.dumps(expected_data, separators=(",", ":")), "5", retry=10
@@ -232,9 +238,14 @@ def test_without_table_the_stream_is_untouched_but_usage_is_read() -> None:
 def test_events_forwarded_unchanged(event: bytes) -> None:
     for table in (TABLE, None):
         transformer = StreamTransformer(table)
-        assert run(transformer, [event]) == event
-        assert run(StreamTransformer(table), one_byte_chunks(event)) == event
+        assert feed_all(transformer, [event]) == event
+        assert feed_all(StreamTransformer(table), one_byte_chunks(event)) == event
         assert not transformer.failed
+        # The body ending there: only an upstream error event ends a stream cleanly.
+        if event.startswith(b"event: error"):
+            assert transformer.close() == b""
+        else:
+            assert transformer.close().startswith(ERROR_PREFIX)
 
 
 def test_crlf_stream_is_handled() -> None:
@@ -245,6 +256,8 @@ def test_crlf_stream_is_handled() -> None:
             "content_block": {"type": "tool_use", "id": "t", "name": "mcp_get_weather",
                               "input": {}}}, line_end="\r\n"),
         sse("ping", {"type": "ping"}, line_end="\r"),
+        # The last blank line a CR at the very end: complete, released at close.
+        sse("message_stop", {"type": "message_stop"}, line_end="\r"),
     ]  # fmt: skip
     data = b"".join(events)
     for chunks in ([data], one_byte_chunks(data)):
@@ -252,14 +265,23 @@ def test_crlf_stream_is_handled() -> None:
         out = run(transformer, chunks)
         assert tool_names_in(out) == ["get_weather"]
         assert out.startswith(events[0])
-        assert out.endswith(events[2])
+        assert out.endswith(events[2] + events[3])
         assert transformer.usage == Usage(input_tokens=3)
+        assert not transformer.failed
 
 
-def test_final_event_without_blank_line_is_forwarded_at_close() -> None:
+def test_final_event_without_blank_line_is_dropped_at_close() -> None:
+    # A browser would not dispatch it either; forwarded, the client's parser would
+    # glue whatever comes next (the error event) to it.
     transformer = StreamTransformer(TABLE)
-    assert transformer.feed(b'event: message_stop\ndata: {"type":"message_stop"}') == b""
-    assert transformer.close() == b'event: message_stop\ndata: {"type":"message_stop"}'
+    ping = sse("ping", {"type": "ping"})
+    assert transformer.feed(ping + b'event: message_stop\ndata: {"type":"message_stop"}') == ping
+    out = transformer.close()
+    assert out.startswith(ERROR_PREFIX)
+    assert b"message_stop" not in out
+    assert transformer.failed
+    assert transformer.error is not None
+    assert "in the middle of an event" in transformer.error
     assert transformer.close() == b""
 
 
@@ -313,7 +335,7 @@ def test_invalid_utf8_ends_the_stream_after_the_good_events() -> None:
     assert transformer.failed
     # Without validation the bytes pass through untouched.
     transformer = StreamTransformer(TABLE, validate_utf8=False)
-    assert run(transformer, [ping + bad + ping]) == ping + bad + ping
+    assert feed_all(transformer, [ping + bad + ping]) == ping + bad + ping
 
 
 def test_invalid_utf8_in_the_final_unterminated_event() -> None:
@@ -419,14 +441,18 @@ def test_output_is_independent_of_chunking(case: tuple[bytes, list[int], int, bo
     data, cuts, limit, with_table = case
     table = TABLE if with_table else None
     whole = StreamTransformer(table, limit)
-    expected = run(whole, [data])
+    fed = feed_all(whole, [data])
+    failed_while_fed = whole.failed
+    expected = fed + whole.close()
     for chunks in (chunked(data, cuts), one_byte_chunks(data)):
         split = StreamTransformer(table, limit)
-        assert run(split, chunks) == expected
+        assert feed_all(split, chunks) == fed
+        assert split.close() == expected[len(fed) :]
         assert split.usage == whole.usage
         assert split.failed == whole.failed
-    if not whole.failed and table is None:
-        assert expected == data  # untouched events are byte-identical
+    if not failed_while_fed and table is None:
+        # Untouched events are byte-identical; only a last event cut short is held.
+        assert data.startswith(fed)
     if whole.failed:
         assert expected.count(b"event: error") >= 1
         assert expected.endswith(b"\n\n")
@@ -440,7 +466,7 @@ def test_untouched_events_are_byte_identical(
 ) -> None:
     data = b"".join(encode_event(name or None, text) for name, text in items)
     cuts = draw.draw(st.lists(st.integers(0, max(len(data), 1)), max_size=10))
-    assert run(StreamTransformer(TABLE), chunked(data, cuts)) == data
+    assert feed_all(StreamTransformer(TABLE), chunked(data, cuts)) == data
 
 
 def test_usage_events_with_unusual_shapes() -> None:
@@ -454,7 +480,7 @@ def test_usage_events_with_unusual_shapes() -> None:
         + b'{"type":"message_delta","usage":{"output_tokens":9}}\r\n\r\n'
     )
     transformer = StreamTransformer(None)
-    assert run(transformer, one_byte_chunks(data)) == data
+    assert feed_all(transformer, one_byte_chunks(data)) == data
     assert transformer.usage == Usage(input_tokens=5, output_tokens=9)
     assert transformer.model == "m"
 
@@ -464,7 +490,9 @@ def test_lone_surrogates_in_rewritten_json_do_not_crash() -> None:
         '{"type":"content_block_start","index":0,"content_block":'
         '{"type":"tool_use","id":"toolu_\\ud800","name":"mcp_get_weather","input":{}}}'
     )
-    out = run(StreamTransformer(TABLE), [f"event: content_block_start\ndata: {start}\n\n".encode()])
+    out = feed_all(
+        StreamTransformer(TABLE), [f"event: content_block_start\ndata: {start}\n\n".encode()]
+    )
     (event,) = parse_stream(out)
     assert event[1]["content_block"] == {
         "type": "tool_use",

@@ -15,6 +15,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from keyrelay.auth.core.refresh import Timings
+from keyrelay.auth.core.store_failure import redis_address
+from keyrelay.auth.events import EventHub
 from keyrelay.auth.provider_client import ProviderClient
 from keyrelay.auth.rpc.interceptors import AuthInterceptor, CallerAuthenticator
 from keyrelay.auth.rpc.servicer import AuthServicer
@@ -48,9 +50,12 @@ class RunningServer:
         grace: its answer may hold the only copy of a rotated refresh token."""
         await self.health.enter_graceful_shutdown()
         # The HTTP side stops with the gRPC server: both finish what is in flight.
+        # WatchEvents streams never end by themselves: the event hub ends them
+        # (UNAVAILABLE, the gateways resume on another replica) instead of the grace.
         await asyncio.gather(
             self.server.stop(grace),
             self.service.drain(),
+            self.service.events.stop(),
             *([self.web.stop()] if self.web else []),
         )
         await self.client.aclose()
@@ -101,10 +106,33 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
         events_maxlen=config.events_maxlen,
     )
     client = ProviderClient.create(config.token_timeout_seconds)
-    service = AuthService(store, config.providers, client, timings_of(config), tracer=tracer)
+    service = AuthService(
+        store,
+        config.providers,
+        client,
+        timings_of(config),
+        tracer=tracer,
+        store_address=redis_address(config.redis_url),
+        events=EventHub(
+            store,
+            queue_events=config.events_subscriber_queue,
+            max_subscribers=config.events_max_subscribers,
+        ),
+    )
     server = aio.server(
         interceptors=[AuthInterceptor(CallerAuthenticator(config.callers), tracer)],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 1 << 20),
+            # The gateways' keepalive pings (every 30 s) are welcome: gRPC's default
+            # allows one per 5 min and answers more with GOAWAY too_many_pings, which
+            # dropped every idle event stream every few minutes.
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(config.min_client_ping_interval_seconds * 1000),
+            ),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(service), server)
     health = health_aio.HealthServicer()
@@ -129,7 +157,11 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
             f"auth.listen: cannot listen on {config.listen!r} (not an address of this "
             "machine, or the port is in use)"
         ) from None
+    await service.events.start()  # the replica's one reader of the event stream
     await server.start()
+    # SERVING from start to drain, whether Redis answers or not: every replica shares
+    # the one store, so taking them all out of the Service while it is down would only
+    # cut gateways off from the replicas too (docs/decisions.md, "Outages").
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("auth service listening", extra={"address": config.listen, "port": port})
@@ -139,6 +171,7 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
             web = await start_web(config, service, store.client)
         except BaseException:
             await server.stop(0)
+            await service.events.stop()
             await client.aclose()
             await store.close()
             raise

@@ -1,21 +1,34 @@
 """``keyrelay.auth.v1.AuthService``: protobuf in, ``AuthService`` call, protobuf out.
 
 Authentication and error statuses are handled by the interceptor; nothing
-here decides anything.
+here decides anything. One exception: how a ``WatchEvents`` call ends when the
+event hub cuts it or refuses it (``RESOURCE_EXHAUSTED``) is gRPC's business, so
+it is here (``_CallCut``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
+import grpc
 from grpc import aio
 
+from keyrelay.auth.events import FellBehind, TooManySubscribers
 from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.redis_store import AccountRecord, StoredEvent
 from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
 
 Context = aio.ServicerContext[Any, Any]
+log = logging.getLogger("keyrelay.auth.rpc")
+
+# A cut subscriber's status goes out behind the events already handed to gRPC: a
+# client that reads gets it at once. One that does not read never would, so after
+# this the call's task is cancelled and nothing of ours waits on that client.
+CUT_GRACE_SECONDS: Final = 2.0
+_ENDING: set[asyncio.Task[None]] = set()  # calls being ended (a task needs a reference)
 
 _STATUS = {
     "connected": auth_pb2.Account.CONNECTED,
@@ -112,7 +125,57 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WatchEvents(
         self, request: auth_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.AccountEvent]:
-        cursor = await self._service.events_cursor(request.after_event_id)
-        await context.send_initial_metadata(((EVENTS_CURSOR_METADATA, cursor),))
-        async for event in self._service.watch_events(cursor):
-            yield event_message(event)
+        try:
+            watch = self._service.watch_events(request.after_event_id, peer=context.peer())
+        except TooManySubscribers as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        with watch:
+            await context.send_initial_metadata(((EVENTS_CURSOR_METADATA, watch.starting_point),))
+            cut = _CallCut(context)
+            watch.on_cut = cut.start
+            try:
+                async for event in watch:
+                    yield event_message(event)
+            except FellBehind:
+                await cut.wait()  # it ends this call
+
+
+class _CallCut:
+    """Ends a cut subscriber's call: ``RESOURCE_EXHAUSTED`` with the hub's message, then
+    the call's task is cancelled (``CUT_GRACE_SECONDS``).
+
+    The hub calls ``start`` when it cuts, from its reader: the call's own task is
+    then usually waiting in a write that flow control holds (the client reads too
+    slowly, or not at all), where nothing inside the call could end it.
+    """
+
+    __slots__ = ("_call", "_context", "_task")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._call = asyncio.current_task()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, message: str) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._end(message))
+            _ENDING.add(self._task)
+            self._task.add_done_callback(_ENDING.discard)
+
+    async def wait(self) -> None:
+        assert self._task is not None, "the hub starts the cut before the watch reports it"
+        await asyncio.shield(self._task)
+
+    async def _end(self, message: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message),
+                CUT_GRACE_SECONDS,
+            )
+        except (aio.AbortError, TimeoutError):
+            pass  # sent (abort raises once done), or queued behind what the client has not read
+        except Exception:  # the call ended meanwhile (the client went away): nothing to send
+            log.debug("a cut WatchEvents call could not be aborted", exc_info=True)
+        finally:
+            if self._call is not None:
+                self._call.cancel()

@@ -303,9 +303,17 @@ CLAIM_TTL_MS = 60_000
 
 
 async def take_once(script: AsyncScript, key: str) -> bytes | None:
-    """Runs TAKE_ONCE (registered as ``script``) on ``key``."""
+    """Runs TAKE_ONCE (registered as ``script``) on ``key``.
+
+    The claim key is only needed while redis-py may re-send the script, which is
+    inside this call; once it returned, the claim key is deleted (a plain DEL is
+    safe to re-send), so nothing of the value lingers.
+    """
     claim_key = f"{key}:claimed:{_operation_id()}"
-    return cast(bytes | None, await script(keys=[key, claim_key], args=[CLAIM_TTL_MS]))
+    value = cast(bytes | None, await script(keys=[key, claim_key], args=[CLAIM_TTL_MS]))
+    if value is not None:
+        await script.registered_client.delete(claim_key)
+    return value
 
 
 # An operation key (see _ONCE) outlives redis-py's retries (seconds) by far.
@@ -622,24 +630,34 @@ class RedisStore:
     async def read_events(
         self, after_id: str, *, block_ms: int = EVENTS_BLOCK_MS, count: int = 100
     ) -> list[StoredEvent]:
+        """Up to ``count`` events after ``after_id``, waiting up to ``block_ms`` for one
+        (XREAD BLOCK holds its pooled connection meanwhile: only the replica's one
+        reader, ``keyrelay.auth.events``, calls this)."""
         reply = cast(
             list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
             await self._redis.xread({self.events_stream: after_id}, count=count, block=block_ms),
         )
-        events: list[StoredEvent] = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                events.append(
-                    StoredEvent(
-                        event_id=entry_id.decode(),
-                        account_id=_text(fields.get(b"account_id")),
-                        kind=_text(fields.get(b"kind")),
-                        reason=_text(fields.get(b"reason")),
-                        generation=int(_number(fields.get(b"generation"))),
-                        at_ms=int(_number(fields.get(b"at"))),
-                    )
-                )
-        return events
+        return [_stored_event(i, f) for _stream, entries in reply or () for i, f in entries]
+
+    async def read_history(self, after_id: str, count: int) -> list[StoredEvent]:
+        """Up to ``count`` events after ``after_id``, at once (XRANGE with an exclusive
+        start: never blocks, so the connection goes back to the pool at once)."""
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self._redis.xrange(self.events_stream, min=f"({after_id}", count=count),
+        )
+        return [_stored_event(i, f) for i, f in entries]
+
+
+def _stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
+    return StoredEvent(
+        event_id=entry_id.decode(),
+        account_id=_text(fields.get(b"account_id")),
+        kind=_text(fields.get(b"kind")),
+        reason=_text(fields.get(b"reason")),
+        generation=int(_number(fields.get(b"generation"))),
+        at_ms=int(_number(fields.get(b"at"))),
+    )
 
 
 __all__ = [

@@ -16,7 +16,13 @@ is used; for 502/503 the real API has none (it signals overload with 529
     500 api_error               a bug in the gateway (never with a traceback)
     502 api_error               upstream unreachable or broken mid-response
     503 api_error               auth service unavailable
+    503 overloaded_error        no pooled upstream connection free in time, or too many
+                                requests already waiting for one (with ``retry-after``)
     504 api_error               upstream timed out
+
+The gateway's own overload is honestly ``overloaded_error`` (the type the API
+uses for its own overload), with 503 rather than the API's 529: a retry may
+well find another gateway worker, or this one, with a free connection.
 
 Inside an SSE stream that already answered 200 the same body travels as an
 ``error`` event (``error_event``), which the SDKs raise as an API error.
@@ -36,6 +42,7 @@ __all__ = [
     "NOT_FOUND",
     "REQUEST_TOO_LARGE",
     "UNKNOWN_KEY",
+    "UPSTREAM_POOL_EXHAUSTED",
     "UPSTREAM_TIMEOUT",
     "UPSTREAM_UNREACHABLE",
     "ErrorKind",
@@ -62,6 +69,7 @@ REQUEST_TOO_LARGE = ErrorKind(413, "request_too_large")
 INTERNAL_ERROR = ErrorKind(500, "api_error")
 UPSTREAM_UNREACHABLE = ErrorKind(502, "api_error")
 AUTH_UNAVAILABLE = ErrorKind(503, "api_error")
+UPSTREAM_POOL_EXHAUSTED = ErrorKind(503, "overloaded_error")
 UPSTREAM_TIMEOUT = ErrorKind(504, "api_error")
 
 
@@ -87,13 +95,15 @@ class GatewayError(Exception):
     """An error the gateway answers itself: a kind (status + type) and a message.
 
     The message is shown to the client: say what went wrong and what to do,
-    never include a token or key.
+    never include a token or key. ``retry_after``: whole seconds, sent as the
+    ``retry-after`` header (the SDKs wait that long before a retry).
     """
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_after = retry_after
 
     @property
     def status(self) -> int:

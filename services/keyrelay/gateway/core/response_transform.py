@@ -39,8 +39,21 @@ SSE (``StreamTransformer``)
     fail on such bytes with a decoding error or show replacement characters,
     where an ``error`` event says what happened). After that the
     transformer is ``failed`` and ignores further input (``feed`` returns
-    ``b""``): the caller should stop reading the upstream. ``close()`` releases a
-    last event that had no blank line, forwarded as it came.
+    ``b""``): the caller should stop reading the upstream.
+
+    A cut is never a success, and a partial event is never forwarded (the
+    client's parser would glue the next bytes to it). ``abort(message)`` is
+    the end of a stream whose upstream broke (a reset, a read timeout, a FIN
+    where the HTTP framing promised more): the event in progress is dropped and
+    an ``error`` event ends the stream. ``close()`` is the end the HTTP framing
+    reported as complete; it too is a cut, with the same ending, when the
+    stream stops in the middle of an event (a last event without its blank
+    line is dropped, as a browser would) or before ``message_stop`` (nor an
+    upstream ``error`` event as the last event): a stream framed "until the
+    connection closes" ends at any FIN, and only the events tell a whole
+    stream from a cut one. So the output of a stream is always whole events,
+    a prefix of the upstream's, and at most one ``error`` event of the
+    gateway's own, last.
 """
 
 from __future__ import annotations
@@ -72,6 +85,12 @@ __all__ = [
 _CONTENT_BLOCK_START = b"content_block_start"
 _MESSAGE_START = b"message_start"
 _MESSAGE_DELTA = b"message_delta"
+_MESSAGE_STOP = b"message_stop"
+_ERROR = b"error"
+# The end of the last span forwarded is kept (a reference, or a copy of this many
+# bytes): at the end of the stream, its last event tells whether it was an
+# upstream ``error`` event.
+_TAIL_BYTES = 2048
 
 
 def _dumps(obj: object) -> str:
@@ -147,7 +166,16 @@ def transform_response_json(body: bytes, tool_names: ToolNameTable | None) -> by
 class StreamTransformer:
     """The SSE response transform of one request: ``feed(chunk) -> bytes``, ``close()``."""
 
-    __slots__ = ("_decoder", "_error", "_needles", "_tool_names", "_tracker", "_validate")
+    __slots__ = (
+        "_decoder",
+        "_error",
+        "_needles",
+        "_stopped",
+        "_tail",
+        "_tool_names",
+        "_tracker",
+        "_validate",
+    )
 
     def __init__(
         self,
@@ -161,8 +189,10 @@ class StreamTransformer:
         self._tracker = UsageTracker()
         self._validate = validate_utf8
         self._error: str | None = None
+        self._stopped = False  # a message_stop went out
+        self._tail = b""  # the end of the last span that went out
         # Substrings that every event worth reading contains (in its name):
-        # "message_" covers message_start and message_delta.
+        # "message_" covers message_start, message_delta and message_stop.
         self._needles: tuple[bytes, ...] = (b"message_",)
         if tool_names is not None:
             self._needles += (_CONTENT_BLOCK_START,)
@@ -201,6 +231,7 @@ class StreamTransformer:
             return self._fail_after(list(exc.complete), self._too_large_message())
         if not span:
             return b""
+        self._tail = span if len(span) <= _TAIL_BYTES else span[-_TAIL_BYTES:]
         if self._validate and not span.isascii():
             try:
                 span.decode("utf-8")
@@ -214,10 +245,45 @@ class StreamTransformer:
         return self._process_span(span, found)
 
     def close(self) -> bytes:
-        """End of the upstream stream: a last event without its blank line, if any."""
+        """The end of the upstream body, complete by its HTTP framing: ``b""`` when
+        the stream ended after ``message_stop`` (or with an upstream ``error``
+        event); else the stream was cut, and the ``error`` event that ends it (a
+        last event without its blank line is dropped)."""
         if self._error is not None:
             return b""
-        return self._forward(self._decoder.close_raw())
+        # A last event without its blank line is dropped, never forwarded.
+        blocks, dropped = self._decoder.close_whole()
+        out = b""
+        if blocks:  # a last event complete but held back (its blank line a final CR)
+            self._tail = blocks[-1][-_TAIL_BYTES:]
+            out = self._forward(blocks)
+            if self._error is not None:
+                return out
+        if dropped:
+            return out + self.abort(
+                "the upstream stream ended in the middle of an event "
+                f"({dropped} bytes of it dropped); the gateway ended the stream"
+            )
+        if not self._stopped and not self._ends_with_error():
+            return out + self.abort(
+                "the upstream stream ended before message_stop; the gateway ended the stream"
+            )
+        return out
+
+    def abort(self, message: str, error_type: str = "api_error") -> bytes:
+        """The upstream stream broke (``message`` says how): the ``error`` event
+        that ends the stream. An event in progress is dropped; after this the
+        transformer is ``failed``. ``b""`` if the stream had already ended with an
+        ``error`` event of the gateway's."""
+        if self._error is not None:
+            return b""
+        self._error = message
+        return error_event(error_type, message)
+
+    def _ends_with_error(self) -> bool:
+        """Whether the last event forwarded was an upstream ``error`` event."""
+        blocks = split_blocks(self._tail)
+        return bool(blocks) and event_type(blocks[-1]) == _ERROR
 
     def _too_large_message(self) -> str:
         return (
@@ -307,6 +373,8 @@ class StreamTransformer:
                     return new
         elif name in (_MESSAGE_DELTA, _MESSAGE_START):
             self._read_usage(raw)
+        elif name == _MESSAGE_STOP:
+            self._stopped = True
         return None
 
     def _read_usage(self, raw: bytes) -> None:

@@ -10,7 +10,9 @@ block comes back as the exact bytes received, so a proxy forwards untouched
 events byte-for-byte and ``b"".join(blocks)`` is always exactly the input.
 ``SSEDecoder.feed_span`` returns the same blocks already joined, finding the end
 of the last one with ``rfind`` from the end of the chunk (no per-event work at
-all); a consumer that must look inside cuts the span with ``split_blocks``.
+all); a consumer that must look inside cuts the span with ``split_blocks``. A
+chunk of whole blocks comes back as the very same object; otherwise the span
+is one copy (the held head of its first block and the rest, joined once).
 
 Parsing (``parse_event``, used by ``SSEDecoder.feed``) turns one block into an
 ``SSEEvent`` following the WHATWG rules ("Interpreting an event stream"). A proxy
@@ -35,7 +37,10 @@ Decisions where the WHATWG rules leave a proxy without an answer
       ``SSEEvent.data is None`` tells "no ``data`` field" (a browser would not
       dispatch) from ``data == ""`` (a ``data:`` line with an empty value).
     - A final block without its blank line is returned by ``close()`` (a browser
-      would drop it); its ``raw`` is whatever bytes were left.
+      would drop it); its ``raw`` is whatever bytes were left. ``close_whole()``
+      is the proxy's end instead: only a last block that was complete, and the
+      length of one that was not (dropped: forwarded, the client's parser would
+      glue whatever comes next to it).
     - Invalid UTF-8 does not stop the decoder: ``parse_event`` decodes with
       replacement characters (as the WHATWG decoder does) while ``raw`` keeps
       the exact bytes. Whether to accept such bytes is the consumer's choice
@@ -220,11 +225,12 @@ class SSEDecoder:
                 self._fail([])
             self._held = held
             return b""
-        span = buf[1:end]
         if pending:
-            pending += span
-            span = bytes(pending)
+            # One copy: the held head of the first block and the rest, joined.
+            span = b"".join((pending, memoryview(buf)[1:end]))
             pending.clear()
+        else:
+            span = buf[1:end]
         if len(span) > self._max:
             self._check_blocks(span)
         if end < len(buf):
@@ -254,8 +260,8 @@ class SSEDecoder:
             return b""
         whole = end == len(data)
         if pending:
-            pending += data if whole else memoryview(data)[:end]
-            span = bytes(pending)
+            # One copy: the held head of the first block and the rest, joined.
+            span = b"".join((pending, data if whole else memoryview(data)[:end]))
             pending.clear()
         else:
             span = data if whole else data[:end]
@@ -320,11 +326,11 @@ class SSEDecoder:
         limit = self._max
         while (i := find(b"\n\n", pos - 1)) >= 0:
             end = i + 2
-            block = buf[pos:end]
             if pending:
-                pending += block
-                block = bytes(pending)
+                block = b"".join((pending, memoryview(buf)[pos:end]))
                 pending.clear()
+            else:
+                block = buf[pos:end]
             if len(block) > limit:
                 self._fail(out)
             out.append(block)
@@ -371,13 +377,26 @@ class SSEDecoder:
                 end = second + 2 if buf[second + 1] == _LF else second + 1
             else:
                 end = second + 1
-            block = buf[pos:end]
             if pending:
-                pending += block
-                block = bytes(pending)
+                block = b"".join((pending, memoryview(buf)[pos:end]))
                 pending.clear()
+            else:
+                block = buf[pos:end]
             self._emit(block, out)
             pos = end
+
+    def close_whole(self) -> tuple[list[bytes], int]:
+        """End of stream, whole blocks only: ``(blocks, dropped)``.
+
+        ``blocks``: the last block if it was complete (its blank line a CR at the
+        very end, held back for a possible LF); ``dropped``: the length of a last
+        block without its blank line, which is discarded (a cut stream: a
+        browser would not dispatch it, and a proxy must not forward it)."""
+        held = self._held
+        blocks = self.close_raw()
+        if held or not blocks:
+            return blocks, 0
+        return [], len(blocks[0])
 
     def close_raw(self) -> list[bytes]:
         """End of stream: return the last raw block if it had no blank line."""

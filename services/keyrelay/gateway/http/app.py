@@ -45,7 +45,6 @@ from keyrelay.gateway.core.errors import (
     REQUEST_TOO_LARGE,
     UNKNOWN_KEY,
     GatewayError,
-    error_event,
 )
 from keyrelay.gateway.core.request_transform import (
     RequestShapeError,
@@ -55,10 +54,11 @@ from keyrelay.gateway.core.request_transform import (
 )
 from keyrelay.gateway.core.response_transform import StreamTransformer, inspect_response_json
 from keyrelay.gateway.core.usage import Billing, Usage
+from keyrelay.gateway.http.front_door import note
 from keyrelay.gateway.http.metrics import GatewayMetrics
 from keyrelay.gateway.http.upstream import UpstreamResponse, Upstreams
 from keyrelay.gateway.keys import key_hash
-from keyrelay.gateway.tokens import TokenClient, TokenError
+from keyrelay.gateway.tokens import READY_WITHOUT_AUTH, TokenClient, TokenError
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
 from keyrelay.logs import LineWriter, json_line
 from keyrelay.tracing import NOOP_TRACER, Tracer
@@ -83,6 +83,12 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
 _MAX_KNOWN_KEYS: Final = 4096
+# The most one send of a stream writes: uvicorn's send waits for its write buffer
+# (64 KiB high-water on uvloop) to drain before writing, so a stream's share of
+# it stays under the high-water mark plus one send. Twice the upstream client's
+# step: a step and the event it completed go out in one send, uncut; only a
+# larger single read is cut.
+_SEND_BYTES: Final = 128 << 10
 
 
 class ClientGone(Exception):
@@ -151,6 +157,7 @@ class GatewayApp:
         self.metrics = metrics or GatewayMetrics()
         upstreams = {r.upstream.name: r.upstream for r in config.routes.values()}
         self.upstreams = Upstreams(upstreams)
+        self.metrics.upstream_pools.watch(self.upstreams.stats)
         self.tracer = tracer
         # Chosen once: without tracing the plain functions, so a request does no span work.
         self._proxy_entry = traced_proxy(tracer, self._proxy) if tracer.enabled else self._proxy
@@ -219,10 +226,11 @@ class GatewayApp:
         elif path == "/healthz":
             await _respond(send, 200, b'{"status":"ok"}', _JSON)
         elif path == "/readyz":
-            ready = self.tokens is None or await self.tokens.ready()
-            status = 200 if ready else 503
-            body = b'{"status":"ready"}' if ready else b'{"status":"auth service unreachable"}'
-            await _respond(send, status, body, _JSON)
+            # README, "Readiness": an auth replica answers and takes the service token,
+            # within READY_DEADLINE_SECONDS; the auth service's store may be down.
+            readiness = READY_WITHOUT_AUTH if self.tokens is None else await self.tokens.ready()
+            self.metrics.readiness_checks.labels(readiness.result).inc()
+            await _respond(send, 200 if readiness.ready else 503, readiness.body(), _JSON)
         elif path == "/metrics":
             await _respond(
                 send,
@@ -237,6 +245,8 @@ class GatewayApp:
         headers = list(_JSON)
         if request_id:
             headers.append((b"request-id", request_id.encode()))
+        if error.retry_after is not None:
+            headers.append((b"retry-after", str(error.retry_after).encode()))
         await _respond(send, error.status, error.body(request_id=request_id), headers)
 
     # -- the proxy ------------------------------------------------------------
@@ -294,7 +304,8 @@ class GatewayApp:
         if route is None:
             raise GatewayError(
                 UNKNOWN_KEY,
-                "invalid gateway key: send it as x-api-key or Authorization: Bearer"
+                "invalid gateway key: this key is not in the gateway's [[keys]] (a typo, a "
+                "revoked key, or another gateway's); mint one with `keyrelay keys new`"
                 if key
                 else "missing gateway key: send it as x-api-key or Authorization: Bearer",
             )
@@ -305,7 +316,7 @@ class GatewayApp:
         content_type = b""
         for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+                raise self._body_too_large(limit)
             if name == b"content-type":
                 content_type = value.split(b";", 1)[0].strip().lower()
         if content_type != b"application/json":
@@ -314,7 +325,7 @@ class GatewayApp:
         if message["type"] == "http.request" and not message.get("more_body"):
             first: bytes = message.get("body", b"")
             if len(first) > limit:
-                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+                raise self._body_too_large(limit)
             return first
         body = bytearray()
         while True:
@@ -322,10 +333,18 @@ class GatewayApp:
                 raise ClientGone
             body += message.get("body", b"")
             if len(body) > limit:
-                raise GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
+                raise self._body_too_large(limit)
             if not message.get("more_body"):
                 return bytes(body)
             message = await receive()
+
+    def _body_too_large(self, limit: int) -> GatewayError:
+        """The 413, counted and logged with the front door's rejections. The
+        connection is then closed rather than the rest read (``front_door``),
+        unless the body declared a length of at most twice the limit."""
+        self.metrics.front_door.rejected["body_too_large"] += 1
+        note(self.metrics.front_door, "body_too_large", max_request_bytes=limit)
+        return GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
 
     async def _credential(self, route: Route) -> Credential:
         if route.mode == "api_key":
@@ -431,22 +450,33 @@ class GatewayApp:
         headers: list[tuple[bytes, bytes]],
         outcome: Outcome,
     ) -> None:
+        """The event stream, each event the moment it is complete; only whole events.
+
+        Memory: ``chunks()`` hands over steps of about ``STEP_BYTES`` and keeps the
+        upstream read paused while this holds or sends them; a send waits
+        while uvicorn's write buffer is full (its flow control), and one send is at
+        most ``_SEND_BYTES``: a slow client holds the upstream back, nothing piles
+        up. A cut (an upstream error mid-body, or a body that ends mid-event or
+        before ``message_stop``) drops the partial event and ends the stream with
+        an ``error`` event (``StreamTransformer.abort``/``close``)."""
         transformer = StreamTransformer(tool_names, self.config.max_event_bytes)
         outcome.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         try:
-            async for chunk in response.chunks():
-                out = transformer.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                if transformer.failed:
-                    outcome.error = transformer.error
-                    break
+            async with contextlib.aclosing(response.chunks()) as body:
+                async for chunk in body:
+                    out = transformer.feed(chunk)
+                    del chunk  # not held while a send waits
+                    if out:
+                        await _send_body(send, out)
+                    del out
+                    if transformer.failed:
+                        break
             tail = transformer.close()
         except GatewayError as error:
             # Headers are out: the failure travels as an error event.
-            outcome.error = error.message
-            tail = error_event(error.kind.type, error.message)
+            tail = transformer.abort(error.message, error.kind.type)
+        outcome.error = transformer.error
         outcome.usage = transformer.usage if transformer.usage_seen else None
         outcome.model = transformer.model or outcome.model
         await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -517,6 +547,17 @@ def _access(entry: dict[str, Any]) -> None:
             access_log.name, logging.INFO, "", 0, "request", (), None, extra=entry
         )
     )
+
+
+async def _send_body(send: Send, data: bytes) -> None:
+    """Part of a stream to the client, in sends of at most ``_SEND_BYTES``: what
+    one stream adds to uvicorn's write buffer before a send waits is bounded."""
+    if len(data) <= _SEND_BYTES:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+        return
+    for start in range(0, len(data), _SEND_BYTES):
+        piece = data[start : start + _SEND_BYTES]
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
 
 
 def _too_large(limit: int) -> str:

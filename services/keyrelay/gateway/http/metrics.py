@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from keyrelay.gateway.http.upstream import WAIT_BUCKETS, PoolStats
+from keyrelay.log_limit import LineLimiter
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -106,6 +109,7 @@ class GatewayMetrics:
         r = self.registry
         self.tally = Tally()
         r.register(_FoldOnCollect(self.tally))
+        self.upstream_pools = UpstreamPoolMetrics(r)
         self.requests = Counter(
             "keyrelay_gateway_requests",
             "Requests answered, by route, HTTP status and auth mode used",
@@ -144,6 +148,15 @@ class GatewayMetrics:
             ["route"],
             registry=r,
         )
+        self.readiness_checks = Counter(
+            "keyrelay_gateway_readiness_checks",
+            "Answers of /readyz by result (ready, auth_unreachable, token_refused)",
+            ["result"],
+            registry=r,
+        )
+        # The front door's connection and rejection counts (``FrontDoorCounts``).
+        self.front_door = FrontDoorCounts()
+        r.register(_FrontDoorCollector(self.front_door))
         # The children of each metric, cached (see ``Children``).
         self.requests_for = Children(self.requests)
         self.latency_for = Children(self.latency)
@@ -160,6 +173,74 @@ class TokenCacheCounts(Protocol):
     hits: int
     misses: int
     rpcs: int
+
+
+# Why a request was refused before the app saw it whole (and the status it got).
+REJECT_REASONS: Final = (
+    "header_bytes",  # 431: request line + headers over max_header_bytes
+    "header_count",  # 431: more than max_header_count headers
+    "header_timeout",  # 408: the head did not end within header_timeout_seconds
+    "body_too_large",  # 413: the body over max_request_bytes
+    "bad_request",  # 400: not HTTP/1.1 the parser accepts (smuggling shapes included)
+)
+# Why the gateway closed a connection without an answer to a request on it.
+CLOSE_REASONS: Final = (
+    "idle",  # a new connection sent nothing within first_byte_timeout_seconds
+    "unread_body",  # answered before its body ended; the rest was not read
+)
+FRONT_DOOR_LOG_INTERVAL: Final = 10.0  # seconds between two log lines of one reason
+
+
+class FrontDoorCounts:
+    """The front door's numbers as plain ints, kept by the worker's HTTP protocol
+    (``gateway.http.front_door``) and exported at scrape time, with the limiter
+    of its log lines (one line per reason per ``FRONT_DOOR_LOG_INTERVAL``)."""
+
+    __slots__ = ("closed", "lines", "open", "refused", "rejected")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.refused = 0
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self.lines: LineLimiter[str] = LineLimiter(FRONT_DOOR_LOG_INTERVAL)
+
+
+class _FrontDoorCollector(Collector):
+    def __init__(self, counts: FrontDoorCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts
+        yield GaugeMetricFamily(
+            "keyrelay_gateway_open_connections",
+            "Client connections open in this worker (at most max_connections)",
+            value=counts.open,
+        )
+        yield CounterMetricFamily(
+            "keyrelay_gateway_refused_connections",
+            "Connections answered 503 and closed: the worker had max_connections open",
+            value=counts.refused,
+        )
+        rejected = CounterMetricFamily(
+            "keyrelay_gateway_rejected_requests",
+            "Requests refused before the app had them whole, by reason "
+            "(header_bytes, header_count: 431; header_timeout: 408; body_too_large: 413; "
+            "bad_request: 400)",
+            labels=["reason"],
+        )
+        for reason, count in counts.rejected.items():
+            rejected.add_metric([reason], count)
+        yield rejected
+        closed = CounterMetricFamily(
+            "keyrelay_gateway_closed_connections",
+            "Connections the gateway closed, by reason (idle: no first byte within "
+            "first_byte_timeout_seconds; unread_body: answered before the body ended)",
+            labels=["reason"],
+        )
+        for reason, count in counts.closed.items():
+            closed.add_metric([reason], count)
+        yield closed
 
 
 class _TokenCacheCollector(Collector):
@@ -180,3 +261,97 @@ class _TokenCacheCollector(Collector):
         )
         rpcs.add_metric([], self._cache.rpcs)
         yield rpcs
+
+
+class UpstreamPoolMetrics(Collector):
+    """The upstream pools: gauges of their connections and waiting requests, the
+    wait histogram and the refusals, brought up to date from the pools' own counts
+    (``Upstreams.stats``) whenever the registry is read: nothing on the hot path.
+
+    Registered as a collector of no metrics of its own, before the metrics it
+    sets, so a scrape sees them current (as ``_FoldOnCollect`` does).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        registry.register(self)
+        labels = ["upstream"]
+        self.open = Gauge(
+            "keyrelay_gateway_upstream_connections_open",
+            "Connections to the upstream open or being opened (at most max_connections)",
+            labels,
+            registry=registry,
+        )
+        self.in_use = Gauge(
+            "keyrelay_gateway_upstream_connections_in_use",
+            "Connections carrying a request, or being opened for one",
+            labels,
+            registry=registry,
+        )
+        self.idle = Gauge(
+            "keyrelay_gateway_upstream_connections_idle",
+            "Idle keep-alive connections (closed after idle_timeout_seconds)",
+            labels,
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "keyrelay_gateway_upstream_pool_waiting",
+            "Requests waiting for a connection (at most max_waiting)",
+            labels,
+            registry=registry,
+        )
+        self.wait = Histogram(
+            "keyrelay_gateway_upstream_pool_wait_seconds",
+            "Time a request waited for a pooled connection (0 when one was free)",
+            labels,
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "keyrelay_gateway_upstream_pool_rejected",
+            "Requests answered 503 for want of a connection, by reason "
+            "(timeout: none free within pool_timeout_seconds; queue_full: max_waiting waited)",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self._source: Callable[[], Iterable[PoolStats]] | None = None
+        self._folded: dict[str, PoolStats] = {}
+
+    def watch(self, source: Callable[[], Iterable[PoolStats]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no metrics of its own
+
+    def collect(self) -> Iterator[Metric]:
+        if self._source is not None:
+            for stats in self._source():
+                self._update(stats)
+        return iter(())
+
+    def _update(self, stats: PoolStats) -> None:
+        name = stats.upstream
+        self.open.labels(name).set(stats.open)
+        self.in_use.labels(name).set(stats.in_use)
+        self.idle.labels(name).set(stats.idle)
+        self.waiting.labels(name).set(stats.waiting)
+        before = self._folded.get(name)
+        self._folded[name] = stats
+        if before is None or any(
+            now < then for now, then in zip(stats.wait_buckets, before.wait_buckets, strict=True)
+        ):  # the first scrape, or a pool made anew: everything counted is new
+            before = PoolStats(name, 0, 0, 0, (0,) * len(stats.wait_buckets), 0.0, 0, 0)
+        # The counters and the histogram get what was counted since the last scrape
+        # (a Histogram has no public "add n observations": its sum and buckets).
+        histogram = self.wait.labels(name)
+        histogram._sum.inc(max(0.0, stats.wait_sum - before.wait_sum))
+        for bucket, now, then in zip(
+            histogram._buckets, stats.wait_buckets, before.wait_buckets, strict=True
+        ):
+            if now > then:
+                bucket.inc(now - then)
+        for reason, now, then in (
+            ("timeout", stats.rejected_timeout, before.rejected_timeout),
+            ("queue_full", stats.rejected_queue_full, before.rejected_queue_full),
+        ):
+            if now > then:
+                self.rejected.labels(name, reason).inc(now - then)
