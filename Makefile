@@ -80,6 +80,7 @@ run: $(STAMP_PY) ## Run the whole stack locally (Redis, auth service, gateway)
 
 bench: $(STAMP_PY) $(STAMP_NODE) ## Run the benchmarks
 	$(BIN)/python bench/auth_gettoken.py
+	$(BIN)/python bench/auth_events.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/redis_read.py
 

@@ -95,6 +95,15 @@ async def test_a_raw_reader_gets_whole_events_then_one_error_event(
     assert data["error"]["type"] == "api_error"
     assert "upstream" in data["error"]["message"]
     assert all(not b.startswith(b"event: error") for b in forwarded)
+    # Counted, by route (one cut stream in this test's gateway).
+    async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        metrics = (await http.get("/metrics")).text
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("keyrelay_gateway_stream_errors_total{")
+    ]
+    assert counted == ['keyrelay_gateway_stream_errors_total{route="plain"} 1.0'], counted
 
 
 @pytest.mark.parametrize(("framing", "cut", "at"), CUTS, ids=IDS)

@@ -179,6 +179,7 @@ class EventHub:
         try:
             async with asyncio.timeout(FIRST_READ_SECONDS):
                 self.fanout.sync(await self._store.last_event_id())
+            metrics.WATCH_READER_UP.set(1)
         except (RedisError, TimeoutError) as exc:
             log.warning(
                 "event stream unreadable at start; WatchEvents waits for Redis",

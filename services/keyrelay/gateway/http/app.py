@@ -492,6 +492,8 @@ class GatewayApp:
         tally = m.tally
         tally.inc(m.requests_for(route_name, str(outcome.status), mode))
         tally.observe(m.latency_for(route_name, "true" if outcome.stream else "false"), seconds)
+        if outcome.stream and outcome.error:
+            tally.inc(m.stream_errors_for(route_name))
         cost = None
         account = (route.account if route else None) or "-"
         if outcome.usage is not None and billing is not None:

@@ -148,6 +148,14 @@ class GatewayMetrics:
             ["route"],
             registry=r,
         )
+        self.stream_errors = Counter(
+            "keyrelay_gateway_stream_errors",
+            "Streams that ended with an SSE error event after their headers were sent (an "
+            "upstream cut, an event over max_event_bytes, a stall, bytes that are not UTF-8), "
+            "by route",
+            ["route"],
+            registry=r,
+        )
         self.readiness_checks = Counter(
             "keyrelay_gateway_readiness_checks",
             "Answers of /readyz by result (ready, auth_unreachable, token_refused)",
@@ -163,6 +171,7 @@ class GatewayMetrics:
         self.upstream_latency_for = Children(self.upstream_latency)
         self.tokens_for = Children(self.tokens)
         self.cost_for = Children(self.cost)
+        self.stream_errors_for = Children(self.stream_errors)
 
     def watch_token_cache(self, cache: TokenCacheCounts) -> None:
         """Exports the cache's own counters at scrape time (nothing on the hot path)."""
