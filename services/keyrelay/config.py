@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
 from keyrelay.auth.core.redis_url import RedisUrlError, parse_redis_url
+from keyrelay.auth.core.refresh import WAIT_PAST_DEADLINE_SECONDS, Timings
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
 
@@ -34,6 +35,7 @@ from keyrelay.gateway.core.usage import Price, PriceTable
 DEFAULT_KEEPALIVE_SECONDS = 30.0
 DEFAULT_MIN_CLIENT_PING_INTERVAL_SECONDS = 10.0
 
+_T = Timings()  # the refresh timings' defaults
 ReadFile = Callable[[str], str]
 _Config = TypeVar("_Config")
 Role = Literal["gateway", "admin"]
@@ -143,15 +145,16 @@ class AuthConfig:
     events_maxlen: int = 100_000
     events_subscriber_queue: int = DEFAULT_EVENTS_SUBSCRIBER_QUEUE
     events_max_subscribers: int = DEFAULT_EVENTS_MAX_SUBSCRIBERS
-    flow_ttl_seconds: float = 600.0
-    skew_seconds: float = 30.0
-    lock_ttl_seconds: float = 10.0
-    refresh_deadline_seconds: float = 30.0
-    wait_for_refresh_seconds: float = 35.0
-    token_timeout_seconds: float = 10.0
-    refresh_backoff_base_seconds: float = 1.0
-    refresh_backoff_cap_seconds: float = 60.0
-    forced_refresh_cooldown_seconds: float = 30.0
+    # The refresh timings' defaults are Timings' (auth/core/refresh.py): written once.
+    flow_ttl_seconds: float = _T.flow_ttl
+    skew_seconds: float = _T.skew
+    lock_ttl_seconds: float = _T.lock_ttl
+    refresh_deadline_seconds: float = _T.refresh_deadline
+    wait_for_refresh_seconds: float = _T.wait_for_refresh
+    token_timeout_seconds: float = _T.token_timeout
+    refresh_backoff_base_seconds: float = _T.backoff_base
+    refresh_backoff_cap_seconds: float = _T.backoff_cap
+    forced_refresh_cooldown_seconds: float = _T.forced_refresh_cooldown
     # A client may ping this often without a GOAWAY too_many_pings (gRPC's default is
     # 5 min); the gateways ping every gateway.auth.keepalive_seconds (30).
     min_client_ping_interval_seconds: float = DEFAULT_MIN_CLIENT_PING_INTERVAL_SECONDS
@@ -501,9 +504,9 @@ def parse_auth_config(
     web_section = auth.table("web")
     web = _parse_web(web_section) if "web" in auth.data else None
     prefix = auth.string("key_prefix", "keyrelay:")
-    lock_ttl = auth.number("lock_ttl_seconds", 10.0, minimum=0.1)
-    refresh_deadline = auth.number("refresh_deadline_seconds", 30.0, minimum=0.1)
-    token_timeout = auth.number("token_timeout_seconds", 10.0, minimum=0.1)
+    lock_ttl = auth.number("lock_ttl_seconds", _T.lock_ttl, minimum=0.1)
+    refresh_deadline = auth.number("refresh_deadline_seconds", _T.refresh_deadline, minimum=0.1)
+    token_timeout = auth.number("token_timeout_seconds", _T.token_timeout, minimum=0.1)
     if token_timeout > refresh_deadline:
         raise ConfigError(
             "auth.token_timeout_seconds: must not exceed auth.refresh_deadline_seconds"
@@ -530,18 +533,22 @@ def parse_auth_config(
         events_max_subscribers=auth.integer(
             "events_max_subscribers", DEFAULT_EVENTS_MAX_SUBSCRIBERS, minimum=1
         ),
-        flow_ttl_seconds=auth.number("flow_ttl_seconds", 600.0, minimum=10),
-        skew_seconds=auth.number("skew_seconds", 30.0),
+        flow_ttl_seconds=auth.number("flow_ttl_seconds", _T.flow_ttl, minimum=10),
+        skew_seconds=auth.number("skew_seconds", _T.skew),
         lock_ttl_seconds=lock_ttl,
         refresh_deadline_seconds=refresh_deadline,
         wait_for_refresh_seconds=auth.number(
-            "wait_for_refresh_seconds", refresh_deadline + 5.0, minimum=0.1
+            "wait_for_refresh_seconds", refresh_deadline + WAIT_PAST_DEADLINE_SECONDS, minimum=0.1
         ),
         token_timeout_seconds=token_timeout,
-        refresh_backoff_base_seconds=auth.number("refresh_backoff_base_seconds", 1.0, minimum=0.01),
-        refresh_backoff_cap_seconds=auth.number("refresh_backoff_cap_seconds", 60.0, minimum=0.01),
+        refresh_backoff_base_seconds=auth.number(
+            "refresh_backoff_base_seconds", _T.backoff_base, minimum=0.01
+        ),
+        refresh_backoff_cap_seconds=auth.number(
+            "refresh_backoff_cap_seconds", _T.backoff_cap, minimum=0.01
+        ),
         forced_refresh_cooldown_seconds=auth.number(
-            "forced_refresh_cooldown_seconds", 30.0, minimum=0.0
+            "forced_refresh_cooldown_seconds", _T.forced_refresh_cooldown, minimum=0.0
         ),
         min_client_ping_interval_seconds=auth.number(
             "min_client_ping_interval_seconds",

@@ -36,6 +36,7 @@ from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
 
 __all__ = [
     "ANSWER_LOST_REASON",
+    "WAIT_PAST_DEADLINE_SECONDS",
     "AccountState",
     "CallTokenEndpoint",
     "CheckHolder",
@@ -207,16 +208,21 @@ _GRANT_REJECTED_AFTER_LOSS = (
 _MAX_BACKOFF_ATTEMPT = 16
 
 
+# A waiting replica gives the holder its whole deadline and this much more.
+WAIT_PAST_DEADLINE_SECONDS = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """The refresh's timing settings, in seconds (defaults: DESIGN §1.2, the README)."""
+    """The refresh's timing settings, in seconds. These defaults are the config's
+    (``[auth]`` keys of the same names with ``_seconds``): written here only."""
 
     flow_ttl: float = 600.0
     skew: float = 30.0
     lock_ttl: float = 10.0
     token_timeout: float = 10.0
     refresh_deadline: float = 30.0
-    wait_for_refresh: float = 35.0
+    wait_for_refresh: float = 30.0 + WAIT_PAST_DEADLINE_SECONDS
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     forced_refresh_cooldown: float = 30.0
