@@ -333,7 +333,9 @@ def banner(stack: DevStack, auth: AuthConfig) -> str:
     keyrelay = command_prefix()
     providers = sorted(auth.providers)
     provider_line = (
-        ", ".join(providers) if providers else f"none yet: add one to {stack.providers_path}"
+        f"{', '.join(providers)}  ({stack.providers_path})"
+        if providers
+        else f"none yet: add one to {stack.providers_path}"
     )
     provider = providers[0] if len(providers) == 1 else "NAME"
     connect = (
@@ -348,7 +350,7 @@ def banner(stack: DevStack, auth: AuthConfig) -> str:
         f"  auth service (gRPC)  127.0.0.1:{stack.auth_port}\n"
         f"  web connect page     {stack.web_url}/  (log in with the admin token)\n"
         f"  admin token          {secrets_dir / 'admin_token'}\n"
-        f"  providers            {provider_line}  ({stack.providers_path})\n"
+        f"  providers            {provider_line}\n"
         f"  more keys, routes    {stack.routes_path}\n\n"
         "Connect the account (on the web page, or from the terminal), then point any "
         "Messages API client at the gateway:\n"
