@@ -707,34 +707,30 @@ class AuthService:
         give_up_at = time.monotonic() + self._t.refresh_deadline
         while True:
             try:
-                # A written refresh releases our lock in the same step: dying between
-                # two steps would leave the others waiting out the lease.
-                generation = await self._store.store_refreshed(
-                    record.account_id,
-                    expected_generation=command.expected_generation,
-                    tokens=kept,
-                    token_type=fresh.token_type,
-                    expires_at=fresh.expires_at,
-                    scopes=fresh.scopes,
-                    now=self._clock(),
-                    lock_owner=run.owner,
-                    forced=command.forced,
-                    operation=operation,
-                )
+                # Each failed try is counted and logged (rate-limited) as any store error.
+                with self._store_errors:
+                    # A written refresh releases our lock in the same step: dying between
+                    # two steps would leave the others waiting out the lease.
+                    generation = await self._store.store_refreshed(
+                        record.account_id,
+                        expected_generation=command.expected_generation,
+                        tokens=kept,
+                        token_type=fresh.token_type,
+                        expires_at=fresh.expires_at,
+                        scopes=fresh.scopes,
+                        now=self._clock(),
+                        lock_owner=run.owner,
+                        forced=command.forced,
+                        operation=operation,
+                    )
                 break
-            except RedisError as exc:
+            except Unavailable:
                 if time.monotonic() >= give_up_at:
                     log.error(
                         "refreshed tokens could not be stored; the lock is left to expire",
-                        extra={"account_id": record.account_id, "error": type(exc).__name__},
+                        extra={"account_id": record.account_id},
                     )
-                    raise Unavailable(
-                        f"token store (Redis) unavailable: {type(exc).__name__}"
-                    ) from exc
-                log.warning(
-                    "could not store refreshed tokens yet; retrying",
-                    extra={"account_id": record.account_id, "error": type(exc).__name__},
-                )
+                    raise
                 await asyncio.sleep(STORE_RETRY_SECONDS)
         await run.stop_renewing()
         if generation == 0:
