@@ -20,9 +20,12 @@ generator of ``bench/auth_gettoken.py``. For each number of subscribers:
 
 The account is connected straight in Redis (a token valid for an hour), so no OAuth
 server is needed: the provider's URLs point at a closed port and are never called.
-Targets are printed with PASS/MISS; nothing is asserted (timing on a shared machine
-is noisy). Every process is stopped and every temporary directory removed on exit,
-Ctrl-C and SIGTERM included.
+The replica runs alone on the first CPU and everything else (Redis, the subscriber
+and load processes, this one) on the others (``--no-pin``: anywhere): the subscribers
+stand for gateway pods on other machines, and the CPU they spend reading events must
+not be counted against the replica. Targets are printed with PASS/MISS; nothing is
+asserted (timing on a shared machine is noisy). Every process is stopped and every
+temporary directory removed on exit, Ctrl-C and SIGTERM included.
 
 Run from the repository root::
 
@@ -68,13 +71,14 @@ from bench.common import (  # noqa: E402
     percentile,
     resolve_window_args,
     run_bench,
+    set_affinity,
     table,
     temp_dir,
 )
+from keyrelay.auth.config import parse_encryption_keys  # noqa: E402
 from keyrelay.auth.store.crypto import TokenCipher  # noqa: E402
 from keyrelay.auth.store.redis_store import RedisStore, StoredTokens  # noqa: E402
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
-from keyrelay.config import parse_encryption_keys  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.stack import (  # noqa: E402
     ENCRYPTION_KEYS,
@@ -433,6 +437,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--event-rate", type=float, default=2.0, help="events per second (2)")
     parser.add_argument("--settle", type=float, default=1.0, help="s for the last events (1)")
     parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the replica to a CPU of its own and the rest to the others",
+    )
+    parser.add_argument(
         "--load-procs", type=int, default=1, help="GetToken load-generator processes (1)"
     )
     args = parser.parse_args(argv)
@@ -454,6 +464,12 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         f"{args.event_rate:g} events/s; subscribers over up to {args.channels} channels",
         flush=True,
     )
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cpus) >= 2
+    if pin:  # every process started from here on inherits this; the replica is moved
+        stack.callback(os.sched_setaffinity, 0, cpus)
+        os.sched_setaffinity(0, cpus[1:])
+        print(f"replica pinned to cpu {cpus[0]}, everything else to cpu {cpus[1:]}")
     redis_server = RedisServer(tmp / "redis")
     stack.callback(redis_server.stop)
     redis_server.start()
@@ -468,6 +484,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         (replica,) = write_replica_configs(directory, 1, replica_config(redis_server.url))
         stack.callback(replica.stop)
         replica.start()
+        if pin and replica.process is not None:
+            set_affinity(replica.process.pid, cpus[:1])
         results.append(run_scenario(args, replica, redis_server.url, count))
         replica.stop()
         r = results[-1]

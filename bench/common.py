@@ -89,6 +89,18 @@ class CpuMeter:
         return 100.0 * used / wall if wall > 0 else None
 
 
+def set_affinity(pid: int, cpus: Sequence[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus``: ``os.sched_setaffinity(pid)`` alone
+    moves only its main thread, not those it already started (gRPC's pollers)."""
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(tid, cpus)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); NaN for no values."""
     if not values:

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from keyrelay.config import UpstreamConfig
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.http.upstream import Upstreams
 
 Scope = MutableMapping[str, Any]

@@ -100,6 +100,7 @@ from bench.common import (  # noqa: E402
     percentile,
     resolve_window_args,
     run_bench,
+    set_affinity,
     table,
     temp_dir,
 )
@@ -428,7 +429,7 @@ def gateway_config(upstream_url: str, port: int, routes: Sequence[Route]) -> dic
 # (argv: config path, protocol name): the same app, config and logging.
 SERVE_WITH_HTTP = (
     "import os, sys\n"
-    "from keyrelay.config import load_gateway_config\n"
+    "from keyrelay.gateway.config import load_gateway_config\n"
     "from keyrelay.gateway.server import serve\n"
     "from keyrelay.logs import configure_logging\n"
     "config = load_gateway_config(sys.argv[1], os.environ)\n"
@@ -713,14 +714,14 @@ def pinned_cpus(proxies: Sequence[Service], others: Sequence[int]) -> Iterator[s
     before = {pid: os.sched_getaffinity(pid) for pid in pids}
     try:
         for proxy in proxies:
-            os.sched_setaffinity(proxy.pid, cpus[:1])
+            set_affinity(proxy.pid, cpus[:1])
         for pid in others:
-            os.sched_setaffinity(pid, cpus[1:])
+            set_affinity(pid, cpus[1:])
         yield f"proxy on cpu {cpus[0]}, upstream and load generator on cpu {cpus[1:]}"
     finally:
         for pid, mask in before.items():
             with contextlib.suppress(OSError):  # a process that already exited
-                os.sched_setaffinity(pid, mask)
+                set_affinity(pid, sorted(mask))
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import run_bench, temp_dir  # noqa: E402
+from keyrelay.auth.config import parse_encryption_keys  # noqa: E402
 from keyrelay.auth.store.crypto import TokenCipher  # noqa: E402
 from keyrelay.auth.store.redis_store import RedisStore, StoredTokens  # noqa: E402
-from keyrelay.config import parse_encryption_keys  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 PARSERS: dict[str, type] = {"pure Python": _AsyncRESP2Parser, "hiredis": _AsyncHiredisParser}

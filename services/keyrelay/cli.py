@@ -24,9 +24,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import grpc
 
+from keyrelay.auth.config import load_auth_config
 from keyrelay.auth.core.authorize import is_loopback_redirect
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.config import ConfigError, load_auth_config
+from keyrelay.configfile import ConfigError
 from keyrelay.logs import configure_logging
 
 DEFAULT_AUTH_ADDRESS = "127.0.0.1:50051"
@@ -52,7 +53,7 @@ def cmd_auth_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway_serve(args: argparse.Namespace) -> int:
-    from keyrelay.config import load_gateway_config
+    from keyrelay.gateway.config import load_gateway_config
     from keyrelay.gateway.server import serve
 
     path = args.config or os.environ.get("KEYRELAY_CONFIG")

@@ -28,15 +28,9 @@ from typing import Any
 
 import tomli_w
 
-from keyrelay.config import (
-    AuthConfig,
-    ConfigError,
-    close_match,
-    load_auth_config,
-    load_toml,
-    parse_auth_config,
-    parse_gateway_config,
-)
+from keyrelay.auth.config import AuthConfig, load_auth_config, parse_auth_config
+from keyrelay.configfile import ConfigError, close_match, load_toml
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.keys import key_hash, new_key
 
 PROVIDERS_EXAMPLE = """\

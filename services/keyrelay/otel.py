@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from keyrelay import logs
-from keyrelay.config import TracingConfig
+from keyrelay.configfile import TracingConfig
 from keyrelay.tracing import TRACE_HEADERS, Attributes, Carrier, Span, Tracer
 
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
 
-from keyrelay.config import ConfigError, TracingConfig
+from keyrelay.configfile import ConfigError, TracingConfig
 
 AttributeValue = str | bool | int | float
 Attributes = Mapping[str, AttributeValue]

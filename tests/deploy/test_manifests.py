@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from keyrelay.config import ConfigError, parse_auth_config, parse_gateway_config
+from keyrelay.auth.config import parse_auth_config
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import parse_gateway_config
 from tests.deploy.manifests import (
     ANY,
     DEPLOY,

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.logs import LineWriter
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import (

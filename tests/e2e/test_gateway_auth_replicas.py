@@ -9,7 +9,7 @@ import anthropic
 import pytest
 
 from keyrelay.auth.v1 import auth_pb2
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from tests.conftest import AuthFactory
 from tests.integration.test_auth_flow import connect
 from tests.support.fake_upstream import FakeUpstream

@@ -33,7 +33,7 @@ import anthropic
 import httpx
 import pytest
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.keys import key_hash
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import (

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from tests.conftest import AuthFactory
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import gateway_config_data, gateway_env, start_gateway

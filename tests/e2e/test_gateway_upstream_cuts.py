@@ -18,7 +18,7 @@ import anthropic
 import httpx
 import pytest
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from tests.support.gateway import (
     API_KEY_KEY,
     RunningGateway,

@@ -17,7 +17,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from tests.support.certs import Pki, make_pki
 from tests.support.egress_proxy import EgressProxy, TlsFront
 from tests.support.fake_upstream import FakeUpstream

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from tests.support.fake_upstream import message_json, message_stream
 from tests.support.gateway import (
     API_KEY_KEY,

@@ -27,7 +27,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from keyrelay.auth.rpc.server import RunningServer, start_server
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.config import TracingConfig
+from keyrelay.configfile import TracingConfig
 from keyrelay.logs import JsonFormatter
 from keyrelay.tracing import NOOP_TRACER, Tracer, create_tracer
 from tests.conftest import AuthFactory

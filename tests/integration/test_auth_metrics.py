@@ -18,9 +18,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY, generate_latest
 
+from keyrelay.auth.config import parse_auth_config
 from keyrelay.auth.rpc.server import start_server
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.config import parse_auth_config
 from tests.conftest import AuthFactory, rpc_code
 from tests.integration.test_auth_flow import connect
 from tests.support.oidc import CONFIDENTIAL_CLIENT_ID, OidcServer, complete_login

@@ -15,8 +15,8 @@ import grpc
 import httpx
 import pytest
 
+from keyrelay.auth.config import load_auth_config
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.config import load_auth_config
 from keyrelay.dev import DevStack
 from tests.support.redis_server import RedisServer, free_port
 

@@ -22,11 +22,11 @@ import pytest
 from grpc import aio
 from prometheus_client import REGISTRY
 
+from keyrelay.auth.config import parse_encryption_keys
 from keyrelay.auth.core.fanout import parse_event_id
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import RedisStore, StoredTokens
 from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
-from keyrelay.config import parse_encryption_keys
 from keyrelay.gateway.tokens import TokenClient
 from tests.conftest import AuthFactory
 from tests.integration.test_auth_flow import connect

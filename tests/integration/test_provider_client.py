@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from keyrelay.auth.config import ProviderConfig
 from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
 from keyrelay.auth.provider_client import ProviderClient
-from keyrelay.config import ProviderConfig
 from tests.support.redis_server import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

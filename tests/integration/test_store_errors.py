@@ -17,11 +17,11 @@ from prometheus_client import REGISTRY
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from keyrelay.auth.config import parse_encryption_keys
 from keyrelay.auth.core.errors import Unavailable
 from keyrelay.auth.service import STORE_BACK_LINE, STORE_ERROR_LINE, StoreErrors
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import AccountRecord, RedisStore
-from keyrelay.config import parse_encryption_keys
 from tests.support.redis_server import free_port
 from tests.support.stack import ENCRYPTION_KEYS
 

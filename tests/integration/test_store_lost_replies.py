@@ -19,6 +19,7 @@ from typing import cast
 
 import pytest
 
+from keyrelay.auth.config import parse_encryption_keys
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import (
     _CONNECT,
@@ -32,7 +33,6 @@ from keyrelay.auth.store.redis_store import (
     StoredTokens,
 )
 from keyrelay.auth.web.sessions import PendingFlow, SessionStore
-from keyrelay.config import parse_encryption_keys
 from tests.support.redis_server import RedisServer
 from tests.support.stack import ENCRYPTION_KEYS, PROVIDER
 from tests.support.tcp_proxy import ReplyDroppingProxy

@@ -13,6 +13,7 @@ import pytest
 import redis
 from grpc import aio
 
+from keyrelay.auth.config import parse_auth_config, parse_encryption_keys
 from keyrelay.auth.rpc.server import start_server
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import (
@@ -22,7 +23,6 @@ from keyrelay.auth.store.redis_store import (
     StoredTokens,
 )
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.config import parse_auth_config, parse_encryption_keys
 from tests.conftest import AuthFactory, rpc_code
 from tests.integration.test_auth_flow import connect
 from tests.support.oidc import CONFIDENTIAL_CLIENT_ID, DEFAULT_CLIENT_SECRET, OidcServer

@@ -15,7 +15,7 @@ import httpx
 import tomli_w
 import uvicorn
 
-from keyrelay.config import GatewayConfig, parse_gateway_config
+from keyrelay.gateway.config import GatewayConfig, parse_gateway_config
 from keyrelay.gateway.http.app import GatewayApp
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.server import build_app, uvicorn_config

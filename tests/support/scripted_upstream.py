@@ -17,7 +17,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from keyrelay.config import UpstreamConfig
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.http.upstream import UpstreamResponse, Upstreams
 
 Answer = Callable[["Request", asyncio.StreamWriter], Awaitable[None]]

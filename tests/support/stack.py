@@ -18,8 +18,8 @@ import grpc
 import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from keyrelay.auth.config import AuthConfig, parse_auth_config
 from keyrelay.auth.v1 import auth_pb2_grpc
-from keyrelay.config import AuthConfig, parse_auth_config
 from tests.support.oidc import PUBLIC_CLIENT_ID, OidcServer
 from tests.support.redis_server import free_port
 

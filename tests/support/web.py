@@ -15,7 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from keyrelay.config import AuthConfig, parse_auth_config
+from keyrelay.auth.config import AuthConfig, parse_auth_config
 from tests.support.oidc import DEFAULT_REDIRECT_URI, OidcServer, _Form, _FormParser, _origin
 from tests.support.stack import ADMIN_TOKEN, PROVIDER, auth_config_data, auth_env
 

@@ -11,18 +11,16 @@ from typing import Any
 
 import pytest
 
-from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
-from keyrelay.config import (
+from keyrelay.auth.config import (
     DEFAULT_ENCRYPTION_KEYS_ENV,
     AuthConfig,
-    ConfigError,
     EncryptionKey,
     load_auth_config,
-    load_toml,
     parse_auth_config,
     parse_encryption_keys,
-    read_text_file,
 )
+from keyrelay.auth.core.authorize import RESERVED_AUTHORIZE_PARAMS
+from keyrelay.configfile import ConfigError, load_toml, read_text_file
 
 KEY_1 = bytes(range(32))
 KEY_2 = bytes(range(200, 232))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from keyrelay.config import ConfigError, close_match, load_auth_config, load_gateway_config
+from keyrelay.auth.config import load_auth_config
+from keyrelay.configfile import ConfigError, close_match
+from keyrelay.gateway.config import load_gateway_config
 
 AUTH_ENV = {
     "KR_ADMIN": "admin-token-AAAAAAAAAAAAAAAA",

@@ -6,12 +6,8 @@ from typing import Any
 
 import pytest
 
-from keyrelay.config import (
-    ConfigError,
-    GatewayConfig,
-    TracingConfig,
-    parse_gateway_config,
-)
+from keyrelay.configfile import ConfigError, TracingConfig
+from keyrelay.gateway.config import GatewayConfig, parse_gateway_config
 from tests.unit.test_config import assert_error, error_of, minimal, parse
 
 GATEWAY_ENV = {"GW_TOKEN": "gateway-token-0123456789"}

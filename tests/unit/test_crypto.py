@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyrelay.auth.config import EncryptionKey
 from keyrelay.auth.store.crypto import DecryptError, TokenCipher
-from keyrelay.config import EncryptionKey
 
 KEY_A = EncryptionKey("ka", bytes(range(32)))
 KEY_B = EncryptionKey("kb", bytes(range(100, 132)))

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from keyrelay.config import ConfigError, parse_gateway_config
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.server import uvicorn_config
 
 ENV = {"UPSTREAM_KEY": "sk-upstream-0123456789"}

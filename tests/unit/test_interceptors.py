@@ -19,6 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from keyrelay.auth.config import Caller
 from keyrelay.auth.core import errors
 from keyrelay.auth.core.errors import (
     AuthError,
@@ -36,7 +37,6 @@ from keyrelay.auth.rpc.interceptors import (
     CallerAuthenticator,
     status_of,
 )
-from keyrelay.config import Caller
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 GATEWAY_TOKEN = "gateway-token-0123456789abcdef"

@@ -11,9 +11,10 @@ import pytest
 import tomli_w
 
 from keyrelay import cli
+from keyrelay.auth.config import AuthConfig
 from keyrelay.auth.rpc import server as auth_server
-from keyrelay.config import AuthConfig, GatewayConfig
 from keyrelay.gateway import server as gateway_server
+from keyrelay.gateway.config import GatewayConfig
 
 TOKEN = "service-token-0123456789abcdef"
 

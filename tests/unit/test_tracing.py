@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import keyrelay
 from keyrelay import logs
-from keyrelay.config import ConfigError, TracingConfig, parse_gateway_config
+from keyrelay.configfile import ConfigError, TracingConfig
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.server import build_app
 from keyrelay.gateway.tokens import TokenClient
 from keyrelay.logs import JsonFormatter
@@ -72,7 +73,7 @@ def test_disabled_services_never_load_the_tracing_sdk() -> None:
     script = textwrap.dedent(
         """
         import sys
-        from keyrelay.config import parse_gateway_config
+        from keyrelay.gateway.config import parse_gateway_config
         from keyrelay.gateway.server import build_app
         import keyrelay.auth.rpc.server
         config = parse_gateway_config(

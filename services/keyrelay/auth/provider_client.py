@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from keyrelay.auth.config import ProviderConfig
 from keyrelay.auth.core.tokens import (
     FailureKind,
     TokenEndpointError,
@@ -36,7 +37,6 @@ from keyrelay.auth.core.tokens import (
     parse_token_response,
     retry_after_seconds,
 )
-from keyrelay.config import ProviderConfig
 
 log = logging.getLogger("keyrelay.auth.provider")
 

@@ -34,6 +34,11 @@ from types import TracebackType
 from redis.exceptions import RedisError
 
 from keyrelay.auth import metrics
+from keyrelay.auth.config import (
+    DEFAULT_EVENTS_MAX_SUBSCRIBERS,
+    DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
+    ProviderConfig,
+)
 from keyrelay.auth.core import pkce
 from keyrelay.auth.core.authorize import build_authorize_url
 from keyrelay.auth.core.codes import parse_pasted_code, resolve_state
@@ -77,11 +82,6 @@ from keyrelay.auth.store.redis_store import (
     FlowRecord,
     RedisStore,
     StoredTokens,
-)
-from keyrelay.config import (
-    DEFAULT_EVENTS_MAX_SUBSCRIBERS,
-    DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
-    ProviderConfig,
 )
 from keyrelay.log_limit import LineLimiter
 from keyrelay.tracing import NOOP_TRACER, Tracer

@@ -9,7 +9,8 @@ import sys
 
 import uvicorn
 
-from keyrelay.config import ConfigError, FrontDoorConfig, GatewayConfig, host_port
+from keyrelay.configfile import ConfigError, host_port
+from keyrelay.gateway.config import FrontDoorConfig, GatewayConfig
 from keyrelay.gateway.core.limits import (
     DescriptorBudgetError,
     descriptors_needed,

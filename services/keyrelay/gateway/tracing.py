@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from grpc import aio
 
 from keyrelay.auth.v1 import auth_pb2
-from keyrelay.config import UpstreamConfig
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.tracing import TRACE_HEADERS, Tracer
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from keyrelay.config import ConfigError, UpstreamConfig
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.core.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, GatewayError
 from keyrelay.gateway.http.upstream import Upstreams, tls_context
 from tests.support.certs import Pki, make_pki

@@ -10,7 +10,8 @@ import h11
 import pytest
 from prometheus_client import generate_latest
 
-from keyrelay.config import ConfigError, FrontDoorConfig, parse_gateway_config
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import FrontDoorConfig, parse_gateway_config
 from keyrelay.gateway.core.limits import (
     FD_RESERVE,
     REFUSING_MAX,

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from keyrelay.config import parse_gateway_config
+from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.keys import KEY_PREFIX, config_entry, key_hash, new_key
 
 AUTH = {"auth": {"target": "ipv4:127.0.0.1:50051", "token": {"env": "GW_TOKEN"}}}

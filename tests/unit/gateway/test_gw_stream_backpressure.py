@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyrelay.config import UpstreamConfig
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.core.response_transform import StreamTransformer
 from keyrelay.gateway.core.sse import SSEDecoder
 from keyrelay.gateway.http.upstream import (

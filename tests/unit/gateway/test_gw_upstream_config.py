@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from keyrelay.config import ConfigError, UpstreamConfig, parse_gateway_config
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import UpstreamConfig, parse_gateway_config
 
 ENV = {"UPSTREAM_KEY": "sk-upstream-0123456789", "PROXY_CREDS": "gw:pa:ss"}
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyrelay.config import UpstreamConfig
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.http.upstream import UpstreamResponse, _Connection, _Pool
 
 

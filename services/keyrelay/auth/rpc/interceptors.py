@@ -23,6 +23,7 @@ import grpc
 from grpc import aio
 
 from keyrelay.auth import metrics
+from keyrelay.auth.config import Caller, Role
 from keyrelay.auth.core.errors import (
     AuthError,
     FailedPrecondition,
@@ -33,7 +34,6 @@ from keyrelay.auth.core.errors import (
     Unavailable,
     mapped,
 )
-from keyrelay.config import Caller, Role
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth.rpc")

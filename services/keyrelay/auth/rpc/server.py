@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from keyrelay.auth.config import AuthConfig, TlsConfig
 from keyrelay.auth.core.refresh import Timings
 from keyrelay.auth.core.store_failure import redis_address
 from keyrelay.auth.events import EventHub
@@ -25,7 +26,7 @@ from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from keyrelay.auth.web.app import WebServer, start_web
-from keyrelay.config import AuthConfig, ConfigError, TlsConfig
+from keyrelay.configfile import ConfigError
 from keyrelay.tracing import NOOP_TRACER, Tracer, create_tracer
 
 log = logging.getLogger("keyrelay.auth.server")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrelay.config import EncryptionKey
+from keyrelay.auth.config import EncryptionKey
 
 _MAGIC = b"k1"
 _NONCE_LEN = 12

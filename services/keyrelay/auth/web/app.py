@@ -46,6 +46,7 @@ from multidict import MultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from redis.asyncio import Redis
 
+from keyrelay.auth.config import AuthConfig, WebConfig
 from keyrelay.auth.core.codes import parse_pasted_code
 from keyrelay.auth.core.errors import (
     AuthError,
@@ -68,7 +69,7 @@ from keyrelay.auth.web.pages import (
     message_page,
 )
 from keyrelay.auth.web.sessions import PendingFlow, Session, SessionStore, caller_fingerprint
-from keyrelay.config import AuthConfig, WebConfig, host_port
+from keyrelay.configfile import host_port
 
 log = logging.getLogger("keyrelay.auth.web")
 access_log = logging.getLogger("keyrelay.auth.web.access")

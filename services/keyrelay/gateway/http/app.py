@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from keyrelay.config import GatewayConfig, Route
+from keyrelay.gateway.config import GatewayConfig, Route
 from keyrelay.gateway.core.errors import (
     ACCOUNT_DISCONNECTED,
     AUTH_UNAVAILABLE,

@@ -46,7 +46,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from keyrelay.config import GatewayConfig
+from keyrelay.gateway.config import GatewayConfig
 from keyrelay.gateway.core.limits import (
     LINGER_BYTES,
     LINGER_SECONDS,

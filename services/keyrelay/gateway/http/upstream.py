@@ -66,7 +66,8 @@ from urllib.parse import urlencode, urlsplit
 
 import httptools
 
-from keyrelay.config import ConfigError, UpstreamConfig
+from keyrelay.configfile import ConfigError
+from keyrelay.gateway.config import UpstreamConfig
 from keyrelay.gateway.core.errors import (
     UPSTREAM_POOL_EXHAUSTED,
     UPSTREAM_TIMEOUT,

@@ -1,0 +1,386 @@
+"""The gateway's config: ``[gateway]``, ``[profiles]``, ``[upstreams]``, ``[[keys]]``, ``[prices]``.
+
+Read with ``keyrelay.configfile`` (TOML, secrets, errors naming the key). Every
+default is written once: a dataclass field's default or a named constant, which
+the parser reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from keyrelay.configfile import (
+    ConfigError,
+    ReadFile,
+    Section,
+    TracingConfig,
+    check_log_level,
+    check_url,
+    parse_file,
+    parse_listen,
+    parse_tracing,
+    read_text_file,
+    resolve_secret,
+)
+from keyrelay.gateway.core.request_transform import Profile
+from keyrelay.gateway.core.usage import Price, PriceTable
+
+# gRPC keepalive to the auth service: the gateway pings every DEFAULT_KEEPALIVE_SECONDS;
+# the auth server permits that (auth.min_client_ping_interval_seconds, keyrelay.auth.config).
+DEFAULT_KEEPALIVE_SECONDS = 30.0
+
+Mode = Literal["oauth", "api_key", "auto"]
+MODES: tuple[Mode, ...] = ("oauth", "api_key", "auto")
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A [[keys]] entry without mode, profile or upstream takes these.
+DEFAULT_MODE: Mode = "oauth"
+DEFAULT_PROFILE = "default"  # always defined: the empty profile, unless [profiles.default]
+DEFAULT_UPSTREAM = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """``[upstreams.<name>]``; these defaults are the parser's (README: the reasons)."""
+
+    name: str
+    url: str
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 600.0
+    max_connections: int = 256
+    # A request waits at most this long for a pooled connection, and at most
+    # max_waiting requests wait: beyond either, 503 overloaded_error.
+    pool_timeout_seconds: float = 5.0
+    max_waiting: int = 256
+    # Below the 5 s keep-alive of common servers (Node, Apache, uvicorn): the
+    # gateway drops an idle connection before the server would.
+    idle_timeout_seconds: float = 4.0
+    ca_file: str | None = None  # replaces the system trust store for this upstream
+    cert_file: str | None = None  # client certificate (mTLS)
+    key_file: str | None = None
+    proxy_url: str | None = None  # http://host:port, reached with CONNECT
+    proxy_credentials: str | None = field(default=None, repr=False)  # "user:password"
+
+
+# The defaults of every [upstreams.<name>] key, from UpstreamConfig's fields.
+_UPSTREAM_DEFAULTS = UpstreamConfig(name="", url="")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one gateway key maps to. ``api_key`` is the upstream key, never the gateway key."""
+
+    name: str
+    account: str | None
+    mode: Mode
+    profile_name: str
+    profile: Profile
+    upstream: UpstreamConfig
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthClientConfig:
+    target: str
+    token: str = field(repr=False)
+    timeout_seconds: float = 40.0
+    # HTTP/2 pings on the channel (they find a dead connection under an idle event
+    # stream); auth.min_client_ping_interval_seconds must permit them.
+    keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+# The defaults of every [gateway.auth] key, from AuthClientConfig's fields.
+_AUTH_CLIENT_DEFAULTS = AuthClientConfig(target="", token="")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoorConfig:
+    """A worker's bounds on its clients' connections: flat keys of ``[gateway]``
+    (README: the answer a client gets at each); these defaults are the parser's."""
+
+    max_connections: int = 1000  # open at once, per worker; beyond: 503, closed
+    listen_backlog: int = 1024  # connections the kernel queues before the worker accepts them
+    max_header_bytes: int = 32 << 10  # request line + headers; beyond: 431, closed
+    max_header_count: int = 100  # beyond: 431, closed
+    header_timeout_seconds: float = 10.0  # a head's first byte to its end; beyond: 408, closed
+    first_byte_timeout_seconds: float = 10.0  # a new connection silent this long: closed
+
+
+_FRONT_DOOR_DEFAULTS = FrontDoorConfig()
+
+
+def _parse_front_door(gateway: Section) -> FrontDoorConfig:
+    d = _FRONT_DOOR_DEFAULTS
+    return FrontDoorConfig(
+        max_connections=gateway.integer("max_connections", d.max_connections, minimum=1),
+        listen_backlog=gateway.integer("listen_backlog", d.listen_backlog, minimum=1),
+        max_header_bytes=gateway.integer("max_header_bytes", d.max_header_bytes, minimum=1024),
+        max_header_count=gateway.integer("max_header_count", d.max_header_count, minimum=8),
+        header_timeout_seconds=gateway.number(
+            "header_timeout_seconds", d.header_timeout_seconds, minimum=0.1
+        ),
+        first_byte_timeout_seconds=gateway.number(
+            "first_byte_timeout_seconds", d.first_byte_timeout_seconds, minimum=0.1
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    routes: Mapping[str, Route]  # by key hash, "sha256:<hex>"
+    auth: AuthClientConfig | None
+    prices: PriceTable
+    listen: str = "127.0.0.1:8080"
+    max_request_bytes: int = 10 << 20
+    max_event_bytes: int = 1 << 20
+    token_skew_seconds: float = 30.0
+    log_level: str = "info"
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    front_door: FrontDoorConfig = _FRONT_DOOR_DEFAULTS
+
+
+# The defaults of every flat [gateway] key, from GatewayConfig's fields.
+_GATEWAY_DEFAULTS = GatewayConfig(routes={}, auth=None, prices=PriceTable())
+
+
+def _parse_profile(name: str, section: Section) -> Profile:
+    set_headers = section.table("set_headers")
+    query = section.table("query")
+    for table in (set_headers, query):
+        for key, value in table.data.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{table.key(key)}: must be a string")
+    try:
+        profile = Profile(
+            betas=section.strings("betas"),
+            strip_headers=section.strings("strip_headers"),
+            set_headers=tuple(set_headers.data.items()),
+            query=tuple(query.data.items()),
+            system_preamble=section.optional_string("system_preamble"),
+            tool_prefix=section.optional_string("tool_prefix"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{section.path}: {exc}") from None
+    section.reject_unknown()
+    return profile
+
+
+def _parse_upstream(
+    name: str, section: Section, env: Mapping[str, str], read_file: ReadFile
+) -> UpstreamConfig:
+    url = check_url(section, "url", section.string("url")).rstrip("/")
+    # The gateway's client sends to host:port with the URL's path as a prefix:
+    # anything else in the URL would be ignored, or fail at the first request.
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        raise ConfigError(f"{section.key('url')}: the port is not a number 0-65535") from None
+    if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
+        raise ConfigError(
+            # Not echoed: the URL may hold a password.
+            f"{section.key('url')}: must be scheme://host[:port][/path], "
+            "without credentials, query or fragment"
+        )
+    defaults = _UPSTREAM_DEFAULTS
+    tls_files = {
+        "ca_file": section.optional_string("ca_file"),
+        "cert_file": section.optional_string("cert_file"),
+        "key_file": section.optional_string("key_file"),
+    }
+    for key, value in tls_files.items():
+        if value is not None and parts.scheme != "https":
+            raise ConfigError(f"{section.key(key)}: only for an https upstream URL")
+    if tls_files["key_file"] is not None and tls_files["cert_file"] is None:
+        raise ConfigError(f"{section.key('cert_file')}: required with key_file (mTLS)")
+    proxy_url = section.optional_string("proxy_url")
+    if proxy_url is not None:
+        if not _plain_proxy_url(proxy_url):
+            raise ConfigError(
+                # Not echoed: the URL may hold a password (it belongs in proxy_credentials).
+                f"{section.key('proxy_url')}: must be http://host[:port] (the proxy is "
+                "reached with CONNECT), without credentials (see proxy_credentials) or path"
+            )
+        proxy_url = proxy_url.rstrip("/")
+    credentials = resolve_secret(section, "proxy_credentials", env, read_file)
+    if credentials is not None:
+        if proxy_url is None:
+            raise ConfigError(f"{section.key('proxy_credentials')}: needs proxy_url")
+        if ":" not in credentials or any(c in credentials for c in "\r\n"):
+            raise ConfigError(
+                f"{section.key('proxy_credentials')}: the secret must be user:password on one line"
+            )
+    upstream = UpstreamConfig(
+        name=name,
+        url=url,
+        connect_timeout_seconds=section.number(
+            "connect_timeout_seconds", defaults.connect_timeout_seconds, minimum=0.1
+        ),
+        read_timeout_seconds=section.number(
+            "read_timeout_seconds", defaults.read_timeout_seconds, minimum=0.1
+        ),
+        max_connections=section.integer("max_connections", defaults.max_connections, minimum=1),
+        pool_timeout_seconds=section.number(
+            "pool_timeout_seconds", defaults.pool_timeout_seconds, minimum=0.0
+        ),
+        max_waiting=section.integer("max_waiting", defaults.max_waiting, minimum=0),
+        idle_timeout_seconds=section.number(
+            "idle_timeout_seconds", defaults.idle_timeout_seconds, minimum=0.0
+        ),
+        ca_file=tls_files["ca_file"],
+        cert_file=tls_files["cert_file"],
+        key_file=tls_files["key_file"],
+        proxy_url=proxy_url,
+        proxy_credentials=credentials,
+    )
+    section.reject_unknown()
+    return upstream
+
+
+def _plain_proxy_url(value: str) -> bool:
+    """``http://host[:port]`` and nothing else (a CONNECT proxy, no credentials)."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and bool(parts.hostname)
+        and parts.username is None
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def _parse_prices(section: Section) -> PriceTable:
+    prices: list[tuple[str, Price]] = []
+    for model in section.data:
+        entry = section.table(model)
+        if "input" not in entry.data or "output" not in entry.data:
+            raise ConfigError(
+                f"{entry.path}: input and output prices (USD per million tokens) are required"
+            )
+        optional = {
+            name: entry.number(name, 0.0) if name in entry.data else None
+            for name in ("cache_creation", "cache_read")
+        }
+        price = Price(
+            input=entry.number("input", 0.0),
+            output=entry.number("output", 0.0),
+            cache_creation=optional["cache_creation"],
+            cache_read=optional["cache_read"],
+        )
+        entry.reject_unknown()
+        prices.append((model, price))
+    try:
+        return PriceTable(prices)
+    except ValueError as exc:
+        raise ConfigError(f"prices: {exc}") from None
+
+
+def _parse_auth_client(
+    section: Section, env: Mapping[str, str], read_file: ReadFile
+) -> AuthClientConfig | None:
+    """``[gateway.auth]``; None when the section is absent or empty."""
+    if not section.data:
+        return None
+    d = _AUTH_CLIENT_DEFAULTS
+    token = resolve_secret(section, "token", env, read_file)
+    if token is None:
+        raise ConfigError(f"{section.key('token')}: required")
+    auth = AuthClientConfig(
+        target=section.string("target"),
+        token=token,
+        timeout_seconds=section.number("timeout_seconds", d.timeout_seconds, minimum=0.1),
+        keepalive_seconds=section.number("keepalive_seconds", d.keepalive_seconds, minimum=1.0),
+        ca_file=section.optional_string("ca_file"),
+        cert_file=section.optional_string("cert_file"),
+        key_file=section.optional_string("key_file"),
+    )
+    section.reject_unknown()
+    return auth
+
+
+def parse_gateway_config(
+    data: Mapping[str, Any], env: Mapping[str, str], read_file: ReadFile = read_text_file
+) -> GatewayConfig:
+    d = _GATEWAY_DEFAULTS
+    root = Section(data, "")
+    gateway = root.table("gateway")
+    auth = _parse_auth_client(gateway.table("auth"), env, read_file)
+    profiles_section = root.table("profiles")
+    profiles = {DEFAULT_PROFILE: Profile()}
+    for name in profiles_section.data:
+        profiles[name] = _parse_profile(name, profiles_section.table(name))
+    upstreams_section = root.table("upstreams")
+    upstreams = {
+        name: _parse_upstream(name, upstreams_section.table(name), env, read_file)
+        for name in upstreams_section.data
+    }
+    routes: dict[str, Route] = {}
+    for index, key in enumerate(root.tables("keys")):
+        key_hash = key.string("hash").lower()
+        if not KEY_HASH.match(key_hash):
+            raise ConfigError(
+                f"{key.key('hash')}: must be sha256:<64 hex digits> (`keyrelay keys new` prints it)"
+            )
+        if key_hash in routes:
+            raise ConfigError(f"{key.key('hash')}: the same key hash appears twice")
+        mode = key.string("mode", DEFAULT_MODE)
+        if mode not in MODES:
+            raise ConfigError(f"{key.key('mode')}: must be one of {', '.join(MODES)}")
+        account = key.optional_string("account")
+        if mode != "api_key" and account is None:
+            raise ConfigError(f"{key.key('account')}: required for mode {mode!r}")
+        api_key = resolve_secret(key, "api_key", env, read_file)
+        if mode == "api_key" and api_key is None:
+            raise ConfigError(
+                f"{key.key('api_key')}: mode 'api_key' needs an upstream key, named explicitly "
+                '({ env = "VAR" } or { file = "/path" })'
+            )
+        profile_name = key.string("profile", DEFAULT_PROFILE)
+        if profile_name not in profiles:
+            raise ConfigError(f"{key.key('profile')}: no [profiles.{profile_name}]")
+        upstream_name = key.string("upstream", DEFAULT_UPSTREAM)
+        if upstream_name not in upstreams:
+            raise ConfigError(f"{key.key('upstream')}: no [upstreams.{upstream_name}]")
+        if mode != "api_key" and auth is None:
+            raise ConfigError(f"gateway.auth: required by {key.path} (mode {mode!r})")
+        routes[key_hash] = Route(
+            name=key.string("name", f"key{index}"),
+            account=account,
+            mode=mode,
+            profile_name=profile_name,
+            profile=profiles[profile_name],
+            upstream=upstreams[upstream_name],
+            api_key=api_key,
+        )
+        key.reject_unknown()
+    config = GatewayConfig(
+        routes=routes,
+        auth=auth,
+        prices=_parse_prices(root.table("prices")),
+        listen=parse_listen(gateway, d.listen)[0],
+        max_request_bytes=gateway.integer("max_request_bytes", d.max_request_bytes, minimum=1024),
+        max_event_bytes=gateway.integer("max_event_bytes", d.max_event_bytes, minimum=1024),
+        token_skew_seconds=gateway.number("token_skew_seconds", d.token_skew_seconds),
+        log_level=gateway.string("log_level", d.log_level).lower(),
+        tracing=parse_tracing(gateway.table("tracing"), gateway=True),
+        front_door=_parse_front_door(gateway),
+    )
+    check_log_level(gateway, config.log_level)
+    gateway.reject_unknown()
+    root.reject_unknown()
+    return config
+
+
+def load_gateway_config(path: str, env: Mapping[str, str]) -> GatewayConfig:
+    return parse_file(path, parse_gateway_config, env)
