@@ -16,7 +16,10 @@ generator of ``bench/auth_gettoken.py``. For each number of subscribers:
   to every subscriber is printed as p50 / p99, with the p99 of the time until the
   *last* subscriber had an event;
 * **GetToken p50 / p99 at concurrency 32** (a fresh token: one HGETALL and a decrypt),
-  beside the run with no subscribers; target: p99 <= 1.5x.
+  beside the run with no subscribers; target: p99 <= 1.5x. The whole set runs
+  ``--repeat`` times (3), interleaved, and the target is judged on the median p99 of
+  each number of subscribers: on a shared 2-core machine one run's ratio at 1,000
+  subscribers has ranged from 1.37x to 1.85x.
 
 The account is connected straight in Redis (a token valid for an hour), so no OAuth
 server is needed: the provider's URLs point at a closed port and are never called.
@@ -42,6 +45,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -374,8 +378,15 @@ async def connect_accounts(url: str) -> None:
 # -- output ----------------------------------------------------------------------------------
 
 
+def median_p99(results: Sequence[Scenario], subscribers: int) -> float:
+    """The median over the runs of GetToken's p99 with ``subscribers``, in ms."""
+    return statistics.median(
+        r.load.percentile_ms(99) for r in results if r.subscribers == subscribers
+    )
+
+
 def print_results(results: Sequence[Scenario]) -> None:
-    base = next(r for r in results if r.subscribers == 0).load.percentile_ms(99)
+    base = median_p99(results, 0)
     headers = (
         "subscribers",
         "redis conns",
@@ -388,9 +399,8 @@ def print_results(results: Sequence[Scenario]) -> None:
         "GetToken/s",
         "p50 ms",
         "p99 ms",
-        "p99 vs 0",
+        "p99 vs median 0",
         "auth cpu",
-        "target",
     )
     rows = []
     for r in results:
@@ -411,9 +421,6 @@ def print_results(results: Sequence[Scenario]) -> None:
                 fmt_ms(p99),
                 f"{ratio:.2f}x",
                 fmt_cpu(r.load.server_cpu),
-                ""
-                if not r.subscribers
-                else f"<={P99_RATIO_TARGET:g}x {mark(ratio <= P99_RATIO_TARGET)}",
             )
         )
     print(table(headers, rows))
@@ -437,6 +444,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--event-rate", type=float, default=2.0, help="events per second (2)")
     parser.add_argument("--settle", type=float, default=1.0, help="s for the last events (1)")
     parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of the whole set, interleaved (3)"
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -449,8 +459,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     resolve_window_args(parser, args)
     if args.quick:
         args.settle = min(args.settle, 0.5)
-    if args.channels < 1 or args.event_rate <= 0 or any(n < 0 for n in args.subscribers):
-        parser.error("--channels and --event-rate must be > 0, --subscribers >= 0")
+    if args.quick:
+        args.repeat = 1
+    if (
+        args.channels < 1
+        or args.event_rate <= 0
+        or args.repeat < 1
+        or any(n < 0 for n in args.subscribers)
+    ):
+        parser.error("--channels, --event-rate and --repeat must be > 0, --subscribers >= 0")
     args.subscribers = sorted({0, *args.subscribers})
     return args
 
@@ -476,10 +493,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     asyncio.run(connect_accounts(redis_server.url))
 
     results: list[Scenario] = []
-    for count in args.subscribers:
+    runs = [(run, count) for run in range(args.repeat) for count in args.subscribers]
+    for run_number, count in runs:
         # A fresh replica per scenario: its Redis connections are counted before any
         # GetToken (whose pool keeps what a burst opened), with the subscribers connected.
-        directory = tmp / f"subscribers-{count}"
+        directory = tmp / f"run-{run_number}-subscribers-{count}"
         directory.mkdir()
         (replica,) = write_replica_configs(directory, 1, replica_config(redis_server.url))
         stack.callback(replica.stop)
@@ -504,23 +522,26 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         "during the GetToken window\n"
     )
     print_results(results)
-    most = max(results, key=lambda r: r.subscribers)
-    least = min(results, key=lambda r: r.subscribers)
+    connections = {  # the most any run of each scenario saw
+        count: max(r.redis_connections for r in results if r.subscribers == count)
+        for count in args.subscribers
+    }
     print("\nTargets:")
-    grows = most.redis_connections - least.redis_connections
+    grows = connections[max(connections)] - connections[min(connections)]
     print(
         f"  [{mark(grows <= 0)}] Redis connections do not grow with subscribers: "
-        + ", ".join(f"{r.subscribers}: {r.redis_connections}" for r in results)
+        + ", ".join(f"{count}: {n}" for count, n in connections.items())
     )
     complete = all(r.delivered == r.expected and r.errors == 0 for r in results)
     print(f"  [{mark(complete)}] every event reached every subscriber, no stream failed")
-    base = least.load.percentile_ms(99)
-    for r in results:
-        if r.subscribers:
-            ratio = r.load.percentile_ms(99) / base if base else float("nan")
+    base = median_p99(results, 0)
+    for count in args.subscribers:
+        if count:
+            ratio = median_p99(results, count) / base if base else float("nan")
             print(
-                f"  [{mark(ratio <= P99_RATIO_TARGET)}] GetToken p99 with {r.subscribers} "
-                f"subscribers <= {P99_RATIO_TARGET:g}x of none: {ratio:.2f}x"
+                f"  [{mark(ratio <= P99_RATIO_TARGET)}] GetToken p99 with {count} subscribers "
+                f"<= {P99_RATIO_TARGET:g}x of none (medians of {args.repeat} run(s)): "
+                f"{ratio:.2f}x"
             )
 
 

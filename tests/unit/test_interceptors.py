@@ -8,6 +8,7 @@ wrapping itself (unexpected exceptions, deliberate aborts, public services).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -453,3 +454,74 @@ async def test_each_method_is_wrapped_once_and_rewrapped_when_its_handler_change
     assert await interceptor.intercept_service(continuation, _Details("/svc/Nope")) is None
     serving["/svc/Echo"] = boom  # a new handler object for the method: wrapped anew
     assert await interceptor.intercept_service(continuation, _Details("/svc/Echo")) is not first
+
+
+# --- unary calls in flight (the event hub paces its deliveries while there are any) ------
+
+
+async def test_unary_calls_in_flight_are_counted_until_they_end_however_they_end() -> None:
+    interceptor = AuthInterceptor(CallerAuthenticator([Caller("admin", ADMIN_TOKEN)]))
+    calls = interceptor.unary_calls
+    seen: list[int] = []
+    both_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
+        seen.append(calls.count)
+        if len(seen) == 2:
+            both_in.set()
+        await release.wait()
+        if request == b"fail":
+            raise RuntimeError(LEAK)
+        return request
+
+    async def stream(
+        request: bytes, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        seen.append(calls.count)
+        yield request
+
+    server = aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                FAKE_SERVICE,
+                {
+                    "Held": grpc.unary_unary_rpc_method_handler(
+                        held, request_deserializer=_identity, response_serializer=_identity
+                    ),
+                    "Stream": grpc.unary_stream_rpc_method_handler(
+                        stream, request_deserializer=_identity, response_serializer=_identity
+                    ),
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                f"/{FAKE_SERVICE}/Held",
+                request_serializer=_identity,
+                response_deserializer=_identity,
+            )
+            ok = asyncio.ensure_future(call(b"ok", metadata=_md(ADMIN_TOKEN), timeout=5))
+            failing = asyncio.ensure_future(call(b"fail", metadata=_md(ADMIN_TOKEN), timeout=5))
+            await asyncio.wait_for(both_in.wait(), 5)
+            assert sorted(seen) == [1, 2]
+            assert calls
+            assert calls.count == 2
+            release.set()
+            assert await ok == b"ok"
+            with pytest.raises(aio.AioRpcError):
+                await failing
+            assert calls.count == 0
+            assert not calls
+            # A stream (WatchEvents) is not a unary call: it does not count.
+            received, error = await _stream(channel, "Stream")
+            assert error is None
+            assert received == [b"ping"]
+            assert seen[-1] == 0
+    finally:
+        await server.stop(0)

@@ -19,6 +19,13 @@ subscribers the pool (100) was dry and every ``GetToken`` failed. Now::
   last event it received; the events are still in Redis.
 * The reader reads at most a quarter of the ring per ``XREAD``, so one burst never
   cuts a subscriber that keeps up.
+* **GetToken first**: a delivery costs the replica about 65 us of CPU (gRPC's write
+  and its completion), on the event loop that answers GetToken. Subscribers are woken
+  ``WAKE_SLICE`` at a time, the next slice when the last is back; while unary calls
+  are in flight (``busy``) at most ``BUSY_WAKES_PER_SECOND`` (a round never longer
+  than ``BUSY_ROUND_SECONDS``), so the fan-out of one event to a thousand
+  subscribers is a steady share of the loop, not a 100 ms burst in front of every
+  GetToken.
 * **Redis outages**: the reader retries with jittered exponential backoff (logged
   when it starts failing, every ``OUTAGE_LOG_SECONDS`` while it fails, and when it
   reads again); subscribers stay connected and get the events written after Redis
@@ -61,7 +68,19 @@ OUTAGE_LOG_SECONDS: Final = 30.0  # "still failing" lines while the stream is un
 PEERS_LOGGED: Final = 5  # subscribers named in one "cut" line
 STOP_RECANCEL_SECONDS: Final = 0.1
 FIRST_READ_SECONDS: Final = 1.0  # start() waits this long for the stream's end
-WAKE_SLICE: Final = 32  # subscribers woken per turn of the event loop
+# Pacing of deliveries (EventHub._wake_paced), chosen with bench/auth_events.py:
+WAKE_SLICE: Final = 16  # subscribers delivering at once
+SLICE_WAIT_SECONDS: Final = 0.01  # the longest wait for a slice to be back (a stuck write)
+# While unary calls are in flight, subscribers are woken at most this many per second...
+BUSY_WAKES_PER_SECOND: Final = 2000.0
+BUSY_ROUND_SECONDS: Final = 0.5  # ...unless that would make a round longer than this
+
+
+def busy_pace(waiting: int) -> float:
+    """Seconds per subscriber woken while unary calls are in flight, for a round of
+    ``waiting``: BUSY_WAKES_PER_SECOND, faster when the round would last longer than
+    BUSY_ROUND_SECONDS (a subscriber never waits more than a round behind)."""
+    return min(1.0 / BUSY_WAKES_PER_SECOND, BUSY_ROUND_SECONDS / max(1, waiting))
 
 
 class TooManySubscribers(Exception):
@@ -82,7 +101,7 @@ class Watch:
     hand can end that call.
     """
 
-    __slots__ = ("_batch", "_hub", "on_cut", "peer", "subscriber")
+    __slots__ = ("_batch", "_hub", "_task", "on_cut", "peer", "subscriber")
 
     def __init__(self, hub: EventHub, subscriber: Subscriber, peer: str) -> None:
         self._hub = hub
@@ -90,6 +109,9 @@ class Watch:
         self._batch: collections.deque[StoredEvent] = collections.deque()
         self.peer = peer
         self.on_cut: Callable[[str], None] | None = None
+        # The task reading this watch, looked up once: asyncio.current_task() costs a
+        # getpid() syscall on Python 3.11, once per delivery otherwise.
+        self._task: asyncio.Task[object] | None = None
 
     @property
     def starting_point(self) -> str:
@@ -119,7 +141,9 @@ class Watch:
                 hub.live_handed += len(taken)  # into the metric at the next read (cheaper)
                 self._batch.extend(taken)
                 continue
-            task = asyncio.current_task()
+            task = self._task
+            if task is None:
+                task = self._task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # The call was cancelled during a history read and the cancellation
                 # was dropped on the way (see EventHub.stop): do not wait for events.
@@ -151,12 +175,16 @@ class EventHub:
         queue_events: int,
         max_subscribers: int,
         block_ms: int = EVENTS_BLOCK_MS,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
+        self._busy = busy
         self.fanout: Fanout[StoredEvent] = Fanout(queue_events, max_subscribers)
         self._read_count = max(1, queue_events // 4)
         self._block_ms = block_ms
         self._waiters: dict[int, asyncio.Future[None]] = {}  # subscriber key -> its wake-up
+        self._delivering: set[int] = set()  # woken in the current slice, not yet back
+        self._slice_back: asyncio.Future[None] | None = None  # done when _delivering empties
         self.live_handed = 0  # live events handed out since the metric was last updated
         self._history_slots = asyncio.Semaphore(HISTORY_READERS)
         self._watches: dict[int, Watch] = {}
@@ -225,12 +253,14 @@ class EventHub:
         return watch
 
     def leave(self, watch: Watch) -> None:
+        self._back(watch.subscriber.key)
         self.fanout.leave(watch.subscriber)
         if self._watches.pop(watch.subscriber.key, None) is not None:
             metrics.WATCH_SUBSCRIBERS.dec()
 
     async def wait_for_events(self, key: int) -> None:
         """Until the reader has new events (or stops) for a subscriber that has none."""
+        self._back(key)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[key] = waiter
         try:
@@ -263,22 +293,53 @@ class EventHub:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wake_in_slices(self) -> None:
-        """Wakes the waiting subscribers WAKE_SLICE at a time, and lets the event loop
-        run between slices: a GetToken waits behind one slice's writes, not behind a
-        thousand (each subscriber's write costs tens of microseconds of this process)."""
-        waiters, self._waiters = list(self._waiters.values()), {}
+    def _back(self, key: int) -> None:
+        """A subscriber woken by ``_wake_paced`` is done delivering (it waits again, or left)."""
+        delivering = self._delivering
+        if key in delivering:
+            delivering.discard(key)
+            if not delivering and self._slice_back is not None and not self._slice_back.done():
+                self._slice_back.set_result(None)
+
+    async def _wake_paced(self) -> None:
+        """Wakes the waiting subscribers WAKE_SLICE at a time, the next slice once the
+        last is back waiting (its events written) or after SLICE_WAIT_SECONDS.
+
+        A delivery costs the replica tens of microseconds of its event loop (mostly
+        gRPC's write and the wake-up of its completion), and the loop is the one that
+        answers GetToken. Waking a thousand subscribers at once put a thousand writes,
+        then a thousand completions, in front of every GetToken in the loop's queue;
+        paced, a GetToken waits behind at most one slice. While ``busy()`` (unary calls
+        in flight) each slice also takes at least its share of the busy pace.
+        The time limit keeps a subscriber whose write waits on flow control (a client
+        that does not read) from holding the others: it stops counting, the hub goes
+        on, and the ring cuts it if it stays behind.
+        """
+        waiters, self._waiters = list(self._waiters.items()), {}
+        loop = asyncio.get_running_loop()
+        spread = busy_pace(len(waiters))
         woken = 0
         try:
             while woken < len(waiters):
-                for waiter in waiters[woken : woken + WAKE_SLICE]:
+                batch = waiters[woken : woken + WAKE_SLICE]
+                woken += len(batch)
+                self._delivering = {key for key, waiter in batch if not waiter.done()}
+                if not self._delivering:
+                    continue
+                self._slice_back = back = loop.create_future()
+                started = loop.time()
+                for _, waiter in batch:
                     if not waiter.done():
                         waiter.set_result(None)
-                woken += WAKE_SLICE
-                if woken < len(waiters):
-                    await asyncio.sleep(0)
+                await asyncio.wait((back,), timeout=SLICE_WAIT_SECONDS)
+                if self._busy():
+                    rest = started + len(batch) * spread - loop.time()
+                    if rest > 0:
+                        await asyncio.sleep(rest)
         finally:  # stopped halfway: nobody is left waiting
-            for waiter in waiters[woken:]:
+            self._delivering = set()
+            self._slice_back = None
+            for _, waiter in waiters[woken:]:
                 if not waiter.done():
                     waiter.set_result(None)
 
@@ -304,7 +365,7 @@ class EventHub:
             for watch in watches:
                 if watch.on_cut is not None:
                     watch.on_cut(self.cut_message)
-        await self._wake_in_slices()
+        await self._wake_paced()
 
     async def _read_forever(self) -> None:
         delay = RETRY_FIRST_SECONDS

@@ -61,15 +61,31 @@ def status_of(error: AuthError) -> grpc.StatusCode:
     return mapped(error, STATUS_OF, grpc.StatusCode.INTERNAL)
 
 
+class CallsInFlight:
+    """How many unary calls are being answered: the event hub paces its deliveries
+    while there are any (``EventHub(busy=...)``)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
 def _wrap(
     handler: Handler,
     guard: Callable[[str], None] | None,
     method: str,
     tracer: Tracer = NOOP_TRACER,
+    in_flight: CallsInFlight | None = None,
 ) -> Handler:
     """Rebuilds ``handler`` with its behaviour run under ``guard`` and the error mapping."""
+    calls = in_flight if in_flight is not None else CallsInFlight()
 
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        calls.count += 1
         try:
             if guard is not None:
                 guard_call(guard, context)
@@ -82,6 +98,8 @@ def _wrap(
                 raise
             log.exception("unexpected error", extra={"method": method})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+        finally:
+            calls.count -= 1
 
     async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
@@ -240,6 +258,7 @@ class AuthInterceptor(aio.ServerInterceptor):
     def __init__(self, authenticator: CallerAuthenticator, tracer: Tracer = NOOP_TRACER) -> None:
         self._auth = authenticator
         self._tracer = tracer
+        self.unary_calls = CallsInFlight()
         # method -> (the servicer's handler, its wrapped form): wrapping builds closures
         # and a handler object, work that would otherwise be redone on every call.
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
@@ -256,6 +275,8 @@ class AuthInterceptor(aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap(handler, self._auth.guard_for(method), method, self._tracer)
+        wrapped = _wrap(
+            handler, self._auth.guard_for(method), method, self._tracer, self.unary_calls
+        )
         self._wrapped[method] = (handler, wrapped)
         return wrapped

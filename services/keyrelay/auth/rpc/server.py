@@ -107,6 +107,7 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
         events_maxlen=config.events_maxlen,
     )
     client = ProviderClient.create(config.token_timeout_seconds)
+    interceptor = AuthInterceptor(CallerAuthenticator(config.callers), tracer)
     service = AuthService(
         store,
         config.providers,
@@ -118,10 +119,11 @@ async def start_server(config: AuthConfig, *, tracer: Tracer | None = None) -> R
             store,
             queue_events=config.events_subscriber_queue,
             max_subscribers=config.events_max_subscribers,
+            busy=interceptor.unary_calls.__bool__,
         ),
     )
     server = aio.server(
-        interceptors=[AuthInterceptor(CallerAuthenticator(config.callers), tracer)],
+        interceptors=[interceptor],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 1 << 20),
