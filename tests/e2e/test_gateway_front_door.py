@@ -6,7 +6,8 @@ kept forever, file descriptors run out, a body over the limit read and
 discarded to its end. Now every one of those has a bound (``[gateway]``
 ``max_header_bytes``, ``max_header_count``, ``header_timeout_seconds``,
 ``first_byte_timeout_seconds``, ``max_connections``, and the connection closed
-after an answer that came before the body's end) and the tests hold it.
+after an answer that came before the body's end) and the tests hold it. So
+does a body that never ends (``body_timeout_seconds``).
 
 The tests that measure the worker's memory or file descriptors run
 ``keyrelay gateway serve`` as its own process (``/proc/<pid>``); the others
@@ -25,7 +26,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -616,6 +617,173 @@ async def test_keep_alive_connections_are_not_cut_by_the_first_byte_timeout(
             await close(writer)
         assert closed
         assert status_of(answer) == 408, answer[:300]
+
+
+# -- a body that does not arrive -------------------------------------------------------------
+
+BODY_TIMEOUT = 1.0  # body_timeout_seconds of these tests
+UNENDING = 1000  # pieces: far longer than any wait below
+
+
+async def send_slowly(
+    port: int, head: bytes, pieces: Iterable[bytes], gap: float, seconds: float = 20.0
+) -> tuple[bytes, bool, float]:
+    """Sends ``head``, then each of ``pieces`` ``gap`` seconds after the last,
+    reading meanwhile: (the answer, whether the gateway closed the connection
+    within ``seconds``, the seconds from the head to that close or to the end of
+    the wait)."""
+    reader, writer = await connect(port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def collect() -> tuple[bytes, bool, float]:
+        answer, closed = await read_to_end(reader, seconds)
+        return answer, closed, loop.time() - started
+
+    reading = asyncio.create_task(collect())
+    try:
+        writer.write(head)
+        for piece in pieces:
+            await asyncio.wait([reading], timeout=gap)
+            if reading.done():
+                break
+            writer.write(piece)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        result = await reading
+        await close(writer)
+    return result
+
+
+async def no_task_left(gw: RunningGateway) -> None:
+    """Every request's app task has ended (none is left waiting for a body)."""
+    tasks = gw.server.server_state.tasks
+    for _ in range(100):
+        if not tasks:
+            return
+        await asyncio.sleep(0.05)
+    assert not tasks, f"{len(tasks)} app tasks still running"
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer with a Content-Length, on a connection that stays open."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = header_of(head, b"content-length")
+    assert length is not None, head
+    return head + await asyncio.wait_for(reader.readexactly(int(length)), 10)
+
+
+async def send_last(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader, data: bytes
+) -> bytes:
+    """Sends ``data``, the end of a request with ``connection: close``: the rest
+    of the answers, read until the gateway closes."""
+    writer.write(data)
+    await writer.drain()
+    answer, closed = await read_to_end(reader, 10.0)
+    assert closed
+    return answer
+
+
+KEEP_ALIVE = with_body(VALID_HEAD).replace(b"connection: close\r\n", b"")
+LENGTH_HEAD = VALID_HEAD + b"content-length: 10000\r\n\r\n"
+CHUNKED_HEAD = VALID_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "pieces"),
+    [
+        # One byte every 0.2 s: each gap far within the limit, the whole far beyond.
+        (LENGTH_HEAD, [b"x"] * UNENDING),
+        # Half of the declared length, then nothing.
+        (LENGTH_HEAD + b"x" * 5000, []),
+        # Chunks, one every 0.2 s, never the last one.
+        (CHUNKED_HEAD, [b"1\r\nx\r\n"] * UNENDING),
+    ],
+    ids=["trickled", "stopped-halfway", "chunked-unending"],
+)
+async def test_a_body_not_ended_within_the_body_timeout_gets_408_and_a_close(
+    upstream: FakeUpstream, head: bytes, pieces: list[bytes]
+) -> None:
+    """A head sent at once, then a body that does not end: 408 at
+    ``body_timeout_seconds`` after the head, however the body's bytes come; the
+    connection closed; the app's task waiting for the body released. A normal
+    request on another connection is served meanwhile."""
+    async with in_process(upstream, body_timeout_seconds=BODY_TIMEOUT) as gw:
+        (answer, closed, seconds), _ = await asyncio.gather(
+            send_slowly(gw.port, head, pieces, gap=0.2), normal_request(gw.url)
+        )
+        assert closed, f"a body that did not end was still read after {seconds:.1f} s"
+        assert BODY_TIMEOUT * 0.9 <= seconds < BODY_TIMEOUT + 5, seconds
+        assert status_of(answer) == 408, answer[:300]
+        assert header_of(answer, b"connection") == b"close"
+        error = error_of(answer)
+        assert error["type"] == "invalid_request_error"
+        assert "body did not arrive within 1 s" in error["message"]
+        assert gw.app.metrics.front_door.rejected["body_timeout"] == 1
+        assert len(upstream.requests) == 1  # the normal request's only
+        await no_task_left(gw)
+        await normal_request(gw.url)
+        text = await metrics_text(gw.url)
+        assert metric(text, "keyrelay_gateway_rejected_requests_total", reason="body_timeout") == 1
+        # The app had the request's head: it saw the client go (README: 499 in its log).
+        requests = "keyrelay_gateway_requests_total"
+        assert metric(text, requests, route="apikey", status="499", mode="-") == 1
+
+
+async def test_a_body_in_slow_pieces_within_the_body_timeout_is_served(
+    upstream: FakeUpstream,
+) -> None:
+    """The limit is on the whole body, not on each read: a body sent in pieces
+    0.2 s apart, all within ``body_timeout_seconds``, is served; so is the next
+    request on the connection, sent after the limit has passed."""
+    async with in_process(upstream, body_timeout_seconds=3) as gw:
+        split = head_length(KEEP_ALIVE)
+        body = KEEP_ALIVE[split:]
+        reader, writer = await connect(gw.port)
+        try:
+            writer.write(KEEP_ALIVE[:split])
+            for i in range(0, len(body), 20):
+                await asyncio.sleep(0.2)
+                writer.write(body[i : i + 20])
+                await writer.drain()
+            first = await read_answer(reader)
+            assert status_of(first) == 200, first[:300]
+            await asyncio.sleep(3.5)  # past the limit: no timer of that body is left
+            answer = await send_last(writer, reader, with_body(VALID_HEAD))
+        finally:
+            await close(writer)
+        assert status_of(answer) == 200, answer[:300]
+        assert len(upstream.requests) == 2
+        assert gw.app.metrics.front_door.rejected["body_timeout"] == 0
+
+
+async def test_a_pipelined_body_is_timed_from_when_its_request_starts(
+    upstream: FakeUpstream,
+) -> None:
+    """A request pipelined behind one the upstream takes 2.5 s to answer, its
+    body half sent: the wait is the gateway's, not the client's. The first answer
+    is not cut at ``body_timeout_seconds``, and the second request is served when
+    its body ends shortly after the first answer."""
+    upstream.header_delay = 2.5
+    async with in_process(upstream, body_timeout_seconds=BODY_TIMEOUT) as gw:
+        second = with_body(VALID_HEAD)
+        half = head_length(second) + 10
+        reader, writer = await connect(gw.port)
+        try:
+            writer.write(KEEP_ALIVE + second[:half])
+            await writer.drain()
+            first = await read_answer(reader)
+            assert status_of(first) == 200, first[:300]
+            await asyncio.sleep(0.3)
+            answer = await send_last(writer, reader, second[half:])
+        finally:
+            await close(writer)
+        assert status_of(answer) == 200, answer[:300]
+        assert len(upstream.requests) == 2
+        assert gw.app.metrics.front_door.rejected["body_timeout"] == 0
 
 
 # -- row 8: an answer before the body's end closes the connection ---------------------------

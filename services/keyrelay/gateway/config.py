@@ -109,6 +109,9 @@ class FrontDoorConfig:
     max_header_bytes: int = 32 << 10  # request line + headers; beyond: 431, closed
     max_header_count: int = 100  # beyond: 431, closed
     header_timeout_seconds: float = 10.0  # a head's first byte to its end; beyond: 408, closed
+    # A head's end to its body's end, however the bytes come (a total, so that a
+    # trickle cannot hold the request); beyond: 408, closed.
+    body_timeout_seconds: float = 60.0
     first_byte_timeout_seconds: float = 10.0  # a new connection silent this long: closed
 
 
@@ -124,6 +127,9 @@ def _parse_front_door(gateway: Section) -> FrontDoorConfig:
         max_header_count=gateway.integer("max_header_count", d.max_header_count, minimum=8),
         header_timeout_seconds=gateway.number(
             "header_timeout_seconds", d.header_timeout_seconds, minimum=0.1
+        ),
+        body_timeout_seconds=gateway.number(
+            "body_timeout_seconds", d.body_timeout_seconds, minimum=0.1
         ),
         first_byte_timeout_seconds=gateway.number(
             "first_byte_timeout_seconds", d.first_byte_timeout_seconds, minimum=0.1

@@ -22,6 +22,7 @@ from keyrelay.gateway.core.limits import (
     error_response,
     nofile_soft_limit,
 )
+from keyrelay.gateway.http.front_door import FrontDoor
 from keyrelay.gateway.http.metrics import CLOSE_REASONS, REJECT_REASONS, GatewayMetrics
 
 ENV = {"UPSTREAM_KEY": "sk-upstream-0123456789"}
@@ -43,6 +44,7 @@ def test_defaults() -> None:
     assert (limits.max_connections, limits.listen_backlog) == (1000, 1024)
     assert (limits.max_header_bytes, limits.max_header_count) == (32768, 100)
     assert (limits.header_timeout_seconds, limits.first_byte_timeout_seconds) == (10.0, 10.0)
+    assert limits.body_timeout_seconds == 60.0
 
 
 def test_every_key_is_read() -> None:
@@ -52,6 +54,7 @@ def test_every_key_is_read() -> None:
         "max_header_bytes": 4096,
         "max_header_count": 12,
         "header_timeout_seconds": 1.5,
+        "body_timeout_seconds": 0.5,
         "first_byte_timeout_seconds": 2.5,
     }
     limits = parse_gateway_config(config_data(**values), ENV).front_door
@@ -68,6 +71,10 @@ def test_every_key_is_read() -> None:
         ("header_timeout_seconds", 0.0),
         ("first_byte_timeout_seconds", -1),
         ("max_connections", "many"),
+        ("body_timeout_seconds", 0),
+        ("body_timeout_seconds", -5.0),
+        ("body_timeout_seconds", "60s"),
+        ("body_timeout_seconds", True),
     ],
 )
 def test_out_of_range_values_name_the_key(key: str, value: object) -> None:
@@ -164,3 +171,19 @@ def test_front_door_counts_are_exported_at_scrape_time() -> None:
         assert f'keyrelay_gateway_rejected_requests_total{{reason="{reason}"}}' in text
     for reason in CLOSE_REASONS:
         assert f'keyrelay_gateway_closed_connections_total{{reason="{reason}"}}' in text
+
+
+def test_a_worker_answers_and_counts_body_timeouts_from_its_start() -> None:
+    metrics = GatewayMetrics()
+    config = parse_gateway_config(config_data(body_timeout_seconds=2.5), ENV)
+    door = FrontDoor(config, metrics.front_door)
+    text = generate_latest(metrics.registry).decode()
+    assert 'keyrelay_gateway_rejected_requests_total{reason="body_timeout"} 0.0' in text
+    answer = door.answers["body_timeout"]
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"] == {
+        "type": "invalid_request_error",
+        "message": "the request body did not arrive within 2.5 s of its headers",
+    }
+    assert door.limit_of["body_timeout"] == {"body_timeout_seconds": 2.5}

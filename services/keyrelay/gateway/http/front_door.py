@@ -16,6 +16,10 @@ however long. ``FrontDoorProtocol`` is that class with bounds, all from
       ├─ not ended header_timeout_seconds after a read that began it → 408, closed
       └─ not HTTP/1.1 llhttp accepts (smuggling shapes: both lengths, two
          lengths, a bad chunk size, obs-fold…) → 400, closed (linger)
+    request body
+      └─ not ended body_timeout_seconds after the read its head ended in (a
+         pipelined request's: after the answer before it) → 408, closed
+         (linger); closed without an answer if the app's had begun
     an answer that went out before the request body ended (413, 401, …)
       ├─ Content-Length ≤ 2 * max_request_bytes: the rest is read and dropped,
       │  for at most header_timeout_seconds; the connection goes on
@@ -31,7 +35,17 @@ The count of open connections is uvicorn's (its ``server_state.connections``);
 the numbers go to ``FrontDoorCounts`` (the metrics) and a rejection is logged
 at most once per reason per ``FRONT_DOOR_LOG_INTERVAL``. The checks on a
 normal request cost a few attribute reads: the head's byte count is kept per
-read, not per header, and no timer is set for a head that arrives in one read.
+read, not per header, and no timer is set for a head that arrives in one read,
+nor for a body that arrives in the read its head ended in.
+
+The body's bound is a total, not a gap between two reads (nginx's
+``client_body_timeout``): a client that sends a byte every few seconds never
+leaves a gap, and would hold the connection, a request slot and an app task
+for as long as it liked. It is one timer, set once per body, not reset per
+read. Time the gateway itself makes the client wait is not the client's: a
+pipelined request's bound starts when the app starts it (once the request
+before it is answered), and a bound that ends while uvicorn has paused
+reading (the app has not yet taken what came) is set again, whole.
 """
 
 from __future__ import annotations
@@ -66,6 +80,7 @@ _FIRST_BYTE: Final = 0  # a new connection's first byte
 _HEAD: Final = 1  # the end of a request head
 _DRAIN: Final = 2  # the end of a body answered before it ended
 _LINGER: Final = 3  # the close after a last answer
+_BODY: Final = 4  # the end of a request body
 
 # The log line of each reason (``note``).
 _LINES: Final = {
@@ -73,6 +88,7 @@ _LINES: Final = {
     "header_bytes": "request head over max_header_bytes: answered 431, connection closed",
     "header_count": "request over max_header_count headers: answered 431, connection closed",
     "header_timeout": "request head not ended within header_timeout_seconds: 408, closed",
+    "body_timeout": "request body not ended within body_timeout_seconds: 408, closed",
     "bad_request": "invalid HTTP/1.1 request: answered 400, connection closed",
     "body_too_large": "request body over max_request_bytes: answered 413",
     "idle": "connection sent nothing within first_byte_timeout_seconds: closed",
@@ -100,6 +116,7 @@ class FrontDoor:
 
     __slots__ = (
         "answers",
+        "body_timeout",
         "counts",
         "first_byte_timeout",
         "header_timeout",
@@ -118,6 +135,7 @@ class FrontDoor:
         self.max_header_bytes = limits.max_header_bytes
         self.max_header_count = limits.max_header_count
         self.header_timeout = limits.header_timeout_seconds
+        self.body_timeout = limits.body_timeout_seconds
         self.first_byte_timeout = limits.first_byte_timeout_seconds
         self.max_request_bytes = config.max_request_bytes
         self.counts = counts
@@ -134,6 +152,7 @@ class FrontDoor:
             "header_bytes": {"max_header_bytes": limits.max_header_bytes},
             "header_count": {"max_header_count": limits.max_header_count},
             "header_timeout": {"header_timeout_seconds": limits.header_timeout_seconds},
+            "body_timeout": {"body_timeout_seconds": limits.body_timeout_seconds},
         }
         self.answers: dict[str, bytes] = {
             "header_bytes": error_response(
@@ -152,6 +171,12 @@ class FrontDoor:
                 408,
                 "invalid_request_error",
                 f"the request headers did not arrive within {limits.header_timeout_seconds:g} s",
+            ),
+            "body_timeout": error_response(
+                408,
+                "invalid_request_error",
+                f"the request body did not arrive within {limits.body_timeout_seconds:g} s "
+                "of its headers",
             ),
             "bad_request": error_response(400, "invalid_request_error", "invalid HTTP/1.1 request"),
         }
@@ -277,6 +302,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
             self.transport.close()
         elif purpose == _HEAD:
             self._reject("header_timeout")
+        elif purpose == _BODY:
+            if self.flow.read_paused:  # the app has not taken what came: not the client's time
+                self._arm(_BODY, self.front_door.body_timeout)
+            else:
+                self._reject("body_timeout")
         elif purpose == _DRAIN:
             counts.closed["unread_body"] += 1
             self._linger()
@@ -312,12 +342,18 @@ class FrontDoorProtocol(HttpToolsProtocol):
             view = view[room:]  # the body, or (pipelined) the next request
         if not self._feed(view):
             return
-        if self._in_head and self._head_bytes:
-            # A head has begun and not ended: bound its header count and its time.
-            if len(self.headers or ()) > self.front_door.max_header_count:
-                self._reject("header_count")
-            elif self._timer is None:
-                self._arm(_HEAD, self.front_door.header_timeout)
+        if self._in_head:
+            if self._head_bytes:
+                # A head has begun and not ended: bound its header count and its time.
+                if len(self.headers or ()) > self.front_door.max_header_count:
+                    self._reject("header_count")
+                elif self._timer is None:
+                    self._arm(_HEAD, self.front_door.header_timeout)
+        elif self._timer is None and not self.pipeline:
+            # A head has ended and its body not, no answer came before it, and the
+            # app has the request (a pipelined one waiting for the one before it
+            # is bounded once it starts: on_response_complete).
+            self._arm(_BODY, self.front_door.body_timeout)
 
     def _feed(self, data: bytes | memoryview) -> bool:
         """The parser takes ``data`` (its callbacks run meanwhile). False: the
@@ -358,9 +394,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         if self._timer is not None:
+            self._disarm()
+            if self._timer_for == _BODY:
+                return  # the body arrived in time; its answer is the app's
             # A body answered before its end was read to its end: the connection
             # goes on, idle under uvicorn's keep-alive timeout again.
-            self._disarm()
             if self.timeout_keep_alive_task is None and not self.pipeline:
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -372,6 +410,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
         # answer's request was read whole.
         if not (cycle.response_complete and cycle.more_body) or self.transport.is_closing():
             super().on_response_complete()
+            if not self._in_head and not self.pipeline and self._timer is None:
+                # A pipelined request whose body has not ended has just started.
+                self._arm(_BODY, self.front_door.body_timeout)
             return
         # Answered before the request body ended (a 413, a 401 before reading it…).
         door = self.front_door

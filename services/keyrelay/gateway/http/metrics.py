@@ -189,6 +189,7 @@ REJECT_REASONS: Final = (
     "header_bytes",  # 431: request line + headers over max_header_bytes
     "header_count",  # 431: more than max_header_count headers
     "header_timeout",  # 408: the head did not end within header_timeout_seconds
+    "body_timeout",  # 408: the body did not end within body_timeout_seconds of the head
     "body_too_large",  # 413: the body over max_request_bytes
     "bad_request",  # 400: not HTTP/1.1 the parser accepts (smuggling shapes included)
 )
@@ -234,7 +235,8 @@ class _FrontDoorCollector(Collector):
         rejected = CounterMetricFamily(
             "keyrelay_gateway_rejected_requests",
             "Requests refused before the app had them whole, by reason "
-            "(header_bytes, header_count: 431; header_timeout: 408; body_too_large: 413; "
+            "(header_bytes, header_count: 431; header_timeout, body_timeout: 408; "
+            "body_too_large: 413; "
             "bad_request: 400)",
             labels=["reason"],
         )
