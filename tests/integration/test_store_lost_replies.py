@@ -20,7 +20,9 @@ from typing import cast
 import pytest
 
 from keyrelay.auth.config import parse_encryption_keys
+from keyrelay.auth.core.gateway_keys import KeyChanges, Limits, Route
 from keyrelay.auth.store.crypto import TokenCipher
+from keyrelay.auth.store.keys_store import _CHANGE_KEY, _CREATE_KEY, KeyStore
 from keyrelay.auth.store.redis_store import (
     _CONNECT,
     _DISCONNECT,
@@ -37,7 +39,16 @@ from tests.support.redis_server import RedisServer
 from tests.support.stack import ENCRYPTION_KEYS, PROVIDER
 from tests.support.tcp_proxy import ReplyDroppingProxy
 
-SCRIPTS = (_CONNECT, _REFRESH, _DISCONNECT, _REFRESH_FAILED, _TRY_LOCK, TAKE_ONCE)
+SCRIPTS = (
+    _CONNECT,
+    _REFRESH,
+    _DISCONNECT,
+    _REFRESH_FAILED,
+    _TRY_LOCK,
+    TAKE_ONCE,
+    _CREATE_KEY,
+    _CHANGE_KEY,
+)
 
 
 def sha(script: str) -> bytes:
@@ -325,3 +336,41 @@ async def test_a_web_login_state_whose_take_reply_was_lost_still_works(
     assert taken is not None
     assert taken[1] == flow
     assert await sessions.take_state("state-xyz") is None  # each state works once
+
+
+async def test_key_writes_append_one_event_and_bump_the_version_once(
+    store: RedisStore, direct: RedisStore, proxy: ReplyDroppingProxy, lost: bool
+) -> None:
+    keys, readback = KeyStore(store), KeyStore(direct)
+    key_id = "gk-0123456789abcdef"
+
+    arm(proxy, _CREATE_KEY, lost)
+    created = await keys.create_key(
+        key_id,
+        name="ci",
+        key_sha256="sha256:" + "0f" * 32,
+        route=Route("acct"),
+        limits=Limits(requests_per_minute=5),
+        expires_at=0,
+        now=time.time(),
+    )
+    assert created == await readback.get_key(key_id)  # not "id taken" by its own first run
+
+    arm(proxy, _CHANGE_KEY, lost)
+    changes = KeyChanges(name="renamed")
+    # Expecting version 1: a re-sent copy is not refused as "no longer at version 1".
+    assert await keys.update_key(key_id, changes, expected_version=1, now=time.time()) == 2
+
+    arm(proxy, _CHANGE_KEY, lost)
+    assert (
+        await keys.revoke_key(key_id, expected_version=None, now=time.time()) == 3
+    )  # not "revoked"
+    assert proxy.dropped == 3 * int(lost)
+    assert await events(direct, "acct") == [
+        ("KEY_CHANGED", 1, "created"),
+        ("KEY_CHANGED", 2, "updated"),
+        ("KEY_CHANGED", 3, "revoked"),
+    ]
+    record = await readback.get_key(key_id)
+    assert record is not None
+    assert (record.name, record.version, record.revoked) == ("renamed", 3, True)

@@ -38,6 +38,7 @@ from keyrelay.auth.rpc.interceptors import (
     CallerAuthenticator,
     status_of,
 )
+from keyrelay.auth.v1 import auth_pb2
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 GATEWAY_TOKEN = "gateway-token-0123456789abcdef"
@@ -50,8 +51,13 @@ ALL_METHODS = (
     "GetAccount",
     "ListAccounts",
     "WatchEvents",
+    "CreateKey",
+    "UpdateKey",
+    "RevokeKey",
+    "GetKey",
+    "ListKeys",
 )
-GATEWAY_ALLOWED = ("GetToken", "GetAccount", "WatchEvents")
+GATEWAY_ALLOWED = ("GetToken", "GetAccount", "WatchEvents", "ListKeys", "GetKey")
 INTERNAL_MESSAGE = "internal error; see the service log"
 LEAK = "leaky-detail-rt-SECRET-42"
 
@@ -129,8 +135,13 @@ def test_duplicate_tokens_resolve_to_the_first_role() -> None:
 # --- guard_for -------------------------------------------------------------------------
 
 
-def test_gateway_methods_are_exactly_the_documented_three() -> None:
+def test_gateway_methods_are_exactly_the_documented_ones() -> None:
     assert {SERVICE + m for m in GATEWAY_ALLOWED} == GATEWAY_METHODS
+
+
+def test_every_rpc_of_the_service_is_listed() -> None:
+    methods = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].methods_by_name
+    assert set(methods) == set(ALL_METHODS)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -29,7 +29,7 @@ REFRESH_OUTCOMES: Final = (
     "not_sent",
     "answer_lost",
 )
-EVENT_KINDS: Final = ("CONNECTED", "REFRESHED", "DISCONNECTED", "REFRESH_FAILED")
+EVENT_KINDS: Final = ("CONNECTED", "REFRESHED", "DISCONNECTED", "REFRESH_FAILED", "KEY_CHANGED")
 
 RPCS: Final = Counter(
     "keyrelay_auth_rpcs",

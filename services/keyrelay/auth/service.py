@@ -48,6 +48,19 @@ from keyrelay.auth.core.errors import (
     NotFound,
     Unavailable,
 )
+from keyrelay.auth.core.gateway_keys import (
+    KeyChanges,
+    KeyRecord,
+    Limits,
+    Route,
+    validate_changes,
+    validate_expires_at,
+    validate_key_id,
+    validate_limits,
+    validate_name,
+    validate_route,
+)
+from keyrelay.auth.core.ids import validate_account_id
 from keyrelay.auth.core.refresh import (
     AccountState,
     CallTokenEndpoint,
@@ -77,18 +90,19 @@ from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
 from keyrelay.auth.events import EventHub, Watch
 from keyrelay.auth.provider_client import ProviderClient
 from keyrelay.auth.store.crypto import DecryptError
+from keyrelay.auth.store.keys_store import KeyStore, Refused, new_key_id
 from keyrelay.auth.store.redis_store import (
     AccountRecord,
     FlowRecord,
     RedisStore,
     StoredTokens,
 )
+from keyrelay.gateway.keys import key_hash, new_key
 from keyrelay.log_limit import LineLimiter
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth")
 
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 FLOW_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # Larger minimums would make every call refresh when the provider issues
 # shorter-lived tokens; an hour is the common access-token lifetime.
@@ -104,7 +118,8 @@ STORE_ERROR_LOG_INTERVAL_SECONDS = 10.0
 STORE_ERROR_LINE = "token store (Redis) error"
 STORE_BACK_LINE = "token store (Redis) answers again"
 MAX_DETAIL_CHARS = 200
-_STORE_MODULE = RedisStore.__module__  # where store_operation finds the operation
+# Where store_operation finds the operation.
+_STORE_MODULES = (RedisStore.__module__, KeyStore.__module__)
 _ANSWERS_AGAIN = ("", "answers again")  # the limiter's key of STORE_BACK_LINE
 # The readiness check of Redis (web /readyz) answers within this: a kubelet's probe
 # waits 1 s by default, and redis-py's reconnect retries would take seconds.
@@ -120,19 +135,32 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: KeyRecord
+    secret: str = field(repr=False)  # the gateway key: returned once, stored nowhere
+
+
+@dataclass(frozen=True, slots=True)
 class StartedFlow:
     flow_id: str
     authorize_url: str
     expires_at: float
 
 
-def validate_account_id(account_id: str) -> str:
-    if not ACCOUNT_ID.match(account_id):
-        raise InvalidArgument(
-            "account_id must be 1-128 characters of letters, digits and ._@+- "
-            "starting with a letter or digit"
-        )
-    return account_id
+def _expected(version: int) -> int | None:
+    """An RPC's ``expected_version``: 0 means "whatever the version is"."""
+    if version < 0:
+        raise InvalidArgument(f"expected_version must not be negative (got {version})")
+    return version or None
+
+
+def _key_log(record: KeyRecord) -> dict[str, object]:
+    return {
+        "key_id": record.key_id,
+        "key_name": record.name,
+        "account_id": record.route.account_id,
+        "version": record.version,
+    }
 
 
 def failure_level(kind: FailureKind) -> int:
@@ -206,10 +234,10 @@ class StoreErrors:
                 self.answered()
         elif isinstance(exc, RedisError):
             kind = type(exc).__name__
-            self.failed(store_operation(tb, _STORE_MODULE), kind, str(exc))
+            self.failed(store_operation(tb, _STORE_MODULES), kind, str(exc))
             raise Unavailable(f"token store (Redis) unavailable: {kind}") from exc
         elif isinstance(exc, DecryptError):
-            operation = store_operation(tb, _STORE_MODULE)
+            operation = store_operation(tb, _STORE_MODULES)
             metrics.store_error(operation, "DecryptError")
             suppressed = self._lines.admit((operation, "DecryptError"), self._clock())
             if suppressed is not None:
@@ -279,6 +307,7 @@ class AuthService:
         (``store_failure.redis_address`` of the configured URL). ``events``: the
         replica's reader of the event stream (default: one with the default limits)."""
         self._store = store
+        self._keys = KeyStore(store)
         self._events = events or EventHub(
             store,
             queue_events=DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
@@ -822,6 +851,91 @@ class AuthService:
                 "could not release the refresh lock",
                 extra={"account_id": account_id, "error": type(exc).__name__},
             )
+
+    # -- gateway keys (DESIGN §6.1; rules: core.gateway_keys) ---------------------
+
+    async def create_key(
+        self, name: str, route: Route, limits: Limits, expires_at: int = 0
+    ) -> CreatedKey:
+        now = self._clock()
+        name = validate_name(name)
+        route = validate_route(route)
+        limits = validate_limits(limits)
+        expires_at = validate_expires_at(expires_at, now)
+        secret = new_key()
+        with self._store_errors:
+            created = await self._keys.create_key(
+                new_key_id(),
+                name=name,
+                key_sha256=key_hash(secret),
+                route=route,
+                limits=limits,
+                expires_at=expires_at,
+                now=now,
+            )
+        if isinstance(created, Refused):  # a random id or hash met again: no key was made
+            raise FailedPrecondition(f"no key was created ({created.name}); try again")
+        metrics.event("KEY_CHANGED")
+        log.info("gateway key created", extra=_key_log(created))
+        return CreatedKey(created, secret)
+
+    async def update_key(
+        self, key_id: str, changes: KeyChanges, expected_version: int = 0
+    ) -> KeyRecord:
+        validate_key_id(key_id)
+        changes = validate_changes(changes, self._clock())
+        with self._store_errors:
+            result = await self._keys.update_key(
+                key_id,
+                changes,
+                expected_version=_expected(expected_version),
+                now=self._clock(),
+            )
+        return await self._key_changed(key_id, result, "updated", expected_version)
+
+    async def revoke_key(self, key_id: str, expected_version: int = 0) -> KeyRecord:
+        validate_key_id(key_id)
+        with self._store_errors:
+            result = await self._keys.revoke_key(
+                key_id, expected_version=_expected(expected_version), now=self._clock()
+            )
+        return await self._key_changed(key_id, result, "revoked", expected_version)
+
+    async def _key_changed(
+        self, key_id: str, result: int | Refused, what: str, expected_version: int
+    ) -> KeyRecord:
+        match result:
+            case Refused.NOT_FOUND:
+                raise NotFound(f"gateway key {key_id} not found")
+            case Refused.REVOKED:
+                raise FailedPrecondition(
+                    f"gateway key {key_id} is revoked and cannot change; create a new key"
+                )
+            case Refused.VERSION_MISMATCH:
+                raise FailedPrecondition(
+                    f"gateway key {key_id} is no longer at version {expected_version}: "
+                    "read it again and retry"
+                )
+        metrics.event("KEY_CHANGED")
+        record = await self.get_key(key_id)
+        log.info(f"gateway key {what}", extra=_key_log(record))
+        return record
+
+    async def get_key(self, key_id: str) -> KeyRecord:
+        validate_key_id(key_id)
+        with self._store_errors:
+            record = await self._keys.get_key(key_id)
+        if record is None:
+            raise NotFound(f"gateway key {key_id} not found")
+        return record
+
+    async def list_keys(self, *, include_revoked: bool = False) -> tuple[list[KeyRecord], str]:
+        """The keys, oldest first, and the last event id read before them: a watcher
+        resuming after it misses no change to them."""
+        with self._store_errors:
+            cursor = await self._store.last_event_id()
+            records = await self._keys.list_keys()
+        return [r for r in records if include_revoked or not r.revoked], cursor
 
     # -- events -------------------------------------------------------------
 

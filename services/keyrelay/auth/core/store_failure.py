@@ -37,12 +37,14 @@ def redis_address(url: str) -> str:
     return public.to_url()
 
 
-def store_operation(tb: TracebackType | None, module: str) -> str:
-    """The name of the outermost function of ``module`` in the traceback ``tb``
-    (which runs from the frame that caught the exception down to where it was raised)."""
+def store_operation(tb: TracebackType | None, module: str | tuple[str, ...]) -> str:
+    """The name of the outermost function of ``module`` (or of any of several) in the
+    traceback ``tb`` (which runs from the frame that caught the exception down to
+    where it was raised)."""
+    modules = (module,) if isinstance(module, str) else module
     while tb is not None:
         code = tb.tb_frame.f_code
-        if tb.tb_frame.f_globals.get("__name__") == module:
+        if tb.tb_frame.f_globals.get("__name__") in modules:
             return code.co_name
         tb = tb.tb_next
     return UNKNOWN_OPERATION

@@ -39,7 +39,10 @@ from keyrelay.tracing import NOOP_TRACER, Tracer
 log = logging.getLogger("keyrelay.auth.rpc")
 
 SERVICE: Final = "/keyrelay.auth.v1.AuthService/"
-GATEWAY_METHODS: Final = frozenset(SERVICE + m for m in ("GetToken", "GetAccount", "WatchEvents"))
+# ListKeys and GetKey: a gateway loads every gateway key and refetches a changed one.
+GATEWAY_METHODS: Final = frozenset(
+    SERVICE + m for m in ("GetToken", "GetAccount", "WatchEvents", "ListKeys", "GetKey")
+)
 # Probes and tooling must work without a service token; neither reveals data.
 PUBLIC_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

@@ -1,9 +1,12 @@
 """``keyrelay.auth.v1.AuthService``: protobuf in, ``AuthService`` call, protobuf out.
 
 Authentication and error statuses are handled by the interceptor; nothing
-here decides anything. One exception: how a ``WatchEvents`` call ends when the
-event hub cuts it or refuses it (``RESOURCE_EXHAUSTED``) is gRPC's business, so
-it is here (``_CallCut``).
+here decides anything. Two exceptions, both gRPC's business: how a ``WatchEvents``
+call ends when the event hub cuts it or refuses it (``RESOURCE_EXHAUSTED``,
+``_CallCut``), and a key request carrying fields this server does not know
+(``_known_fields_only``): protobuf parses a field of the wrong wire type (a
+string where a limit's integer belongs) as an unknown field, and a limit read as
+unset would be no limit at all, so such a request is refused.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import grpc
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
+from keyrelay.auth.core.errors import InvalidArgument
+from keyrelay.auth.core.gateway_keys import Budget, KeyChanges, KeyRecord, Limits, Route
 from keyrelay.auth.events import FellBehind, TooManySubscribers
 from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.redis_store import AccountRecord, StoredEvent
@@ -39,6 +46,7 @@ _KIND = {
     "REFRESHED": auth_pb2.AccountEvent.REFRESHED,
     "DISCONNECTED": auth_pb2.AccountEvent.DISCONNECTED,
     "REFRESH_FAILED": auth_pb2.AccountEvent.REFRESH_FAILED,
+    "KEY_CHANGED": auth_pb2.AccountEvent.KEY_CHANGED,
 }
 
 
@@ -64,7 +72,77 @@ def event_message(event: StoredEvent) -> auth_pb2.AccountEvent:
         reason=event.reason,
         generation=event.generation,
         at=event.at_ms,
+        key_id=event.key_id,
     )
+
+
+def _known_fields_only(message: Message, path: str = "") -> None:
+    """``InvalidArgument`` naming the first message (``limits``, ``route``, ...) that
+    carries a field this server does not know, or one of the wrong type."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        numbers = sorted({unknown[i].field_number for i in range(len(unknown))})
+        raise InvalidArgument(
+            f"{path or 'the request'} has a field of the wrong type or one this server does "
+            f"not know (field numbers {', '.join(map(str, numbers))})"
+        )
+    for descriptor, value in message.ListFields():
+        if isinstance(value, Message):
+            _known_fields_only(value, f"{path}.{descriptor.name}" if path else descriptor.name)
+
+
+def route_of(message: auth_pb2.KeyRoute) -> Route:
+    return Route(message.account_id, message.mode, message.profile, message.upstream)
+
+
+def limits_of(message: auth_pb2.KeyLimits) -> Limits:
+    budget = message.budget
+    return Limits(
+        requests_per_minute=_optional(message, "requests_per_minute"),
+        tokens_per_minute=_optional(message, "tokens_per_minute"),
+        concurrent_requests=_optional(message, "concurrent_requests"),
+        budget=Budget(budget.amount, budget.unit, budget.period)
+        if message.HasField("budget")
+        else None,
+    )
+
+
+def _optional(
+    message: auth_pb2.KeyLimits,
+    name: Literal["requests_per_minute", "tokens_per_minute", "concurrent_requests"],
+) -> int | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def key_message(record: KeyRecord) -> auth_pb2.GatewayKey:
+    route, limits = record.route, record.limits
+    message = auth_pb2.GatewayKey(
+        key_id=record.key_id,
+        name=record.name,
+        key_sha256=record.key_sha256,
+        route=auth_pb2.KeyRoute(
+            account_id=route.account_id,
+            mode=route.mode,
+            profile=route.profile,
+            upstream=route.upstream,
+        ),
+        limits=auth_pb2.KeyLimits(
+            requests_per_minute=limits.requests_per_minute,
+            tokens_per_minute=limits.tokens_per_minute,
+            concurrent_requests=limits.concurrent_requests,
+        ),
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        expires_at=record.expires_at,
+        revoked_at=record.revoked_at,
+        version=record.version,
+    )
+    if limits.budget is not None:
+        budget = limits.budget
+        message.limits.budget.CopyFrom(
+            auth_pb2.KeyBudget(amount=budget.amount, unit=budget.unit, period=budget.period)
+        )
+    return message
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -121,6 +199,47 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.ListAccountsResponse:
         records = await self._service.list_accounts()
         return auth_pb2.ListAccountsResponse(accounts=[account_message(r) for r in records])
+
+    async def CreateKey(
+        self, request: auth_pb2.CreateKeyRequest, context: Context
+    ) -> auth_pb2.CreateKeyResponse:
+        _known_fields_only(request)
+        created = await self._service.create_key(
+            request.name, route_of(request.route), limits_of(request.limits), request.expires_at
+        )
+        return auth_pb2.CreateKeyResponse(key=key_message(created.key), secret=created.secret)
+
+    async def UpdateKey(
+        self, request: auth_pb2.UpdateKeyRequest, context: Context
+    ) -> auth_pb2.GatewayKey:
+        _known_fields_only(request)
+        changes = KeyChanges(
+            name=request.name if request.HasField("name") else None,
+            route=route_of(request.route) if request.HasField("route") else None,
+            limits=limits_of(request.limits) if request.HasField("limits") else None,
+            expires_at=request.expires_at if request.HasField("expires_at") else None,
+        )
+        record = await self._service.update_key(request.key_id, changes, request.expected_version)
+        return key_message(record)
+
+    async def RevokeKey(
+        self, request: auth_pb2.RevokeKeyRequest, context: Context
+    ) -> auth_pb2.GatewayKey:
+        record = await self._service.revoke_key(request.key_id, request.expected_version)
+        return key_message(record)
+
+    async def GetKey(
+        self, request: auth_pb2.GetKeyRequest, context: Context
+    ) -> auth_pb2.GatewayKey:
+        return key_message(await self._service.get_key(request.key_id))
+
+    async def ListKeys(
+        self, request: auth_pb2.ListKeysRequest, context: Context
+    ) -> auth_pb2.ListKeysResponse:
+        records, cursor = await self._service.list_keys(include_revoked=request.include_revoked)
+        return auth_pb2.ListKeysResponse(
+            keys=[key_message(r) for r in records], events_cursor=cursor
+        )
 
     async def WatchEvents(
         self, request: auth_pb2.WatchEventsRequest, context: Context

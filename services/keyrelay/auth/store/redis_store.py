@@ -14,6 +14,7 @@ Keys (``P`` is the configured prefix, default ``keyrelay:``)::
     P op:<op>        string the result of one event-appending write, for its re-sent
                             copy (OPERATION_TTL_MS; see _ONCE)
     <events stream>  stream one entry per state change, MAXLEN ~ events_maxlen
+    P gwkey...       gateway keys: keyrelay.auth.store.keys_store
 
 Every state change and the event reporting it are written by one Lua script,
 so a reader of the stream never sees an event without its change or the other
@@ -295,6 +296,7 @@ class StoredEvent:
     reason: str
     generation: int
     at_ms: int
+    key_id: str = ""  # KEY_CHANGED only
 
 
 # A claimed flow stays readable by its claimer for this long: time enough for a
@@ -380,6 +382,15 @@ class RedisStore:
             events_maxlen=events_maxlen,
             sentinel=sentinel,
         )
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def events_maxlen(self) -> str:
+        """The stream's ``MAXLEN ~``, as scripts take it."""
+        return self._maxlen
 
     @property
     def client(self) -> redis.Redis:
@@ -657,6 +668,7 @@ def _stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
         reason=_text(fields.get(b"reason")),
         generation=int(_number(fields.get(b"generation"))),
         at_ms=int(_number(fields.get(b"at"))),
+        key_id=_text(fields.get(b"key_id")),
     )
 
 

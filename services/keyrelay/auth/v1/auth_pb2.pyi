@@ -5,8 +5,9 @@ keyrelay auth service: owns OAuth 2.0 Authorization Code + PKCE grants and
 hands access tokens to gateway workers. See DESIGN.md §1 for the contract.
 
 Callers authenticate with `authorization: Bearer <service token>` metadata.
-Role `gateway` may call GetToken, GetAccount and WatchEvents; role `admin`
-may call everything. A refresh token never appears in any message here.
+Role `gateway` may call GetToken, GetAccount, WatchEvents, ListKeys and GetKey;
+role `admin` may call everything. A refresh token never appears in any message
+here, nor does a gateway key's secret except once, in CreateKeyResponse.
 """
 
 from collections import abc as _abc
@@ -370,6 +371,12 @@ class AccountEvent(_message.Message):
         REFRESHED: AccountEvent._Kind.ValueType  # 2
         DISCONNECTED: AccountEvent._Kind.ValueType  # 3
         REFRESH_FAILED: AccountEvent._Kind.ValueType  # 4
+        KEY_CHANGED: AccountEvent._Kind.ValueType  # 5
+        """A gateway key was created, updated or revoked (reason: "created", "updated",
+        "revoked"; key_id names it, generation is its new version, account_id its
+        route's account). Refetch it with GetKey. Watchers that do not know a kind
+        ignore it.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: AccountEvent.Kind.ValueType  # 0
@@ -377,6 +384,12 @@ class AccountEvent(_message.Message):
     REFRESHED: AccountEvent.Kind.ValueType  # 2
     DISCONNECTED: AccountEvent.Kind.ValueType  # 3
     REFRESH_FAILED: AccountEvent.Kind.ValueType  # 4
+    KEY_CHANGED: AccountEvent.Kind.ValueType  # 5
+    """A gateway key was created, updated or revoked (reason: "created", "updated",
+    "revoked"; key_id names it, generation is its new version, account_id its
+    route's account). Refetch it with GetKey. Watchers that do not know a kind
+    ignore it.
+    """
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
@@ -384,6 +397,7 @@ class AccountEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     account_id: _builtins.str
     kind: Global___AccountEvent.Kind.ValueType
@@ -391,6 +405,8 @@ class AccountEvent(_message.Message):
     generation: _builtins.int
     at: _builtins.int
     """Unix milliseconds."""
+    key_id: _builtins.str
+    """KEY_CHANGED only."""
     def __init__(
         self,
         *,
@@ -400,11 +416,370 @@ class AccountEvent(_message.Message):
         reason: _builtins.str = ...,
         generation: _builtins.int = ...,
         at: _builtins.int = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "at", b"at", "event_id", b"event_id", "generation", b"generation", "kind", b"kind", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "at", b"at", "event_id", b"event_id", "generation", b"generation", "key_id", b"key_id", "kind", b"kind", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AccountEvent: _TypeAlias = AccountEvent  # noqa: Y015
+
+@_typing.final
+class KeyRoute(_message.Message):
+    """Where a gateway key's requests go (DESIGN.md §2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The OAuth account; required for modes "oauth" and "auto"."""
+    mode: _builtins.str
+    """"oauth", "api_key" or "auto"; empty means "oauth"."""
+    profile: _builtins.str
+    """A profile and an upstream of the gateway config; empty means "default"."""
+    upstream: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        upstream: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "mode", b"mode", "profile", b"profile", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRoute: _TypeAlias = KeyRoute  # noqa: Y015
+
+@_typing.final
+class KeyBudget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    amount: _builtins.float
+    """More than 0: US dollars (unit "usd") or a whole number of tokens (unit "tokens")."""
+    unit: _builtins.str
+    """"usd" or "tokens"."""
+    period: _builtins.str
+    """"day" or "month"."""
+    def __init__(
+        self,
+        *,
+        amount: _builtins.float = ...,
+        unit: _builtins.str = ...,
+        period: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "period", b"period", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyBudget: _TypeAlias = KeyBudget  # noqa: Y015
+
+@_typing.final
+class KeyLimits(_message.Message):
+    """Unset means "no limit". A set limit is 1 to 1000000000 (concurrent_requests:
+    1 to 1000000): 0 is refused (revoke the key to stop it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    requests_per_minute: _builtins.int
+    tokens_per_minute: _builtins.int
+    concurrent_requests: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___KeyBudget:
+        """Unset means "no budget"."""
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: _builtins.int | None = ...,
+        tokens_per_minute: _builtins.int | None = ...,
+        concurrent_requests: _builtins.int | None = ...,
+        budget: Global___KeyBudget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrent_requests", b"_concurrent_requests", "_requests_per_minute", b"_requests_per_minute", "_tokens_per_minute", b"_tokens_per_minute", "budget", b"budget", "concurrent_requests", b"concurrent_requests", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrent_requests", b"_concurrent_requests", "_requests_per_minute", b"_requests_per_minute", "_tokens_per_minute", b"_tokens_per_minute", "budget", b"budget", "concurrent_requests", b"concurrent_requests", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__concurrent_requests: _TypeAlias = _typing.Literal["concurrent_requests"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_requests: _TypeAlias = _typing.Literal["_concurrent_requests", b"_concurrent_requests"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_minute: _TypeAlias = _typing.Literal["requests_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_minute: _TypeAlias = _typing.Literal["_requests_per_minute", b"_requests_per_minute"]  # noqa: Y015
+    _WhichOneofReturnType__tokens_per_minute: _TypeAlias = _typing.Literal["tokens_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__tokens_per_minute: _TypeAlias = _typing.Literal["_tokens_per_minute", b"_tokens_per_minute"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_requests) -> _WhichOneofReturnType__concurrent_requests | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_minute) -> _WhichOneofReturnType__requests_per_minute | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tokens_per_minute) -> _WhichOneofReturnType__tokens_per_minute | None: ...
+
+Global___KeyLimits: _TypeAlias = KeyLimits  # noqa: Y015
+
+@_typing.final
+class GatewayKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_SHA256_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    name: _builtins.str
+    key_sha256: _builtins.str
+    """"sha256:<64 lowercase hex digits>" of the secret: the form of the gateway
+    config's [[keys]] hash.
+    """
+    created_at: _builtins.int
+    """Unix seconds."""
+    expires_at: _builtins.int
+    """0: never expires."""
+    revoked_at: _builtins.int
+    """0: live."""
+    version: _builtins.int
+    """1 when created, one more with every update and the revocation."""
+    updated_at: _builtins.int
+    @_builtins.property
+    def route(self) -> Global___KeyRoute: ...
+    @_builtins.property
+    def limits(self) -> Global___KeyLimits: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        key_sha256: _builtins.str = ...,
+        route: Global___KeyRoute | None = ...,
+        limits: Global___KeyLimits | None = ...,
+        created_at: _builtins.int = ...,
+        expires_at: _builtins.int = ...,
+        revoked_at: _builtins.int = ...,
+        version: _builtins.int = ...,
+        updated_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_sha256", b"key_sha256", "limits", b"limits", "name", b"name", "revoked_at", b"revoked_at", "route", b"route", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayKey: _TypeAlias = GatewayKey  # noqa: Y015
+
+@_typing.final
+class CreateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-64 letters, digits and ._@+- starting with a letter or digit."""
+    expires_at: _builtins.int
+    """Unix seconds, in the future; 0: never expires."""
+    @_builtins.property
+    def route(self) -> Global___KeyRoute: ...
+    @_builtins.property
+    def limits(self) -> Global___KeyLimits: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        route: Global___KeyRoute | None = ...,
+        limits: Global___KeyLimits | None = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "limits", b"limits", "name", b"name", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateKeyRequest: _TypeAlias = CreateKeyRequest  # noqa: Y015
+
+@_typing.final
+class CreateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The gateway key itself: shown this once, stored nowhere."""
+    @_builtins.property
+    def key(self) -> Global___GatewayKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___GatewayKey | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateKeyResponse: _TypeAlias = CreateKeyResponse  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    name: _builtins.str
+    """Each part present replaces the key's (route and limits as a whole: an
+    empty KeyLimits removes every limit); an absent part is kept.
+    """
+    expires_at: _builtins.int
+    """0: never expires."""
+    expected_version: _builtins.int
+    """Compare-and-set: the update is made only if the key is at this version.
+    0: whatever its version.
+    """
+    @_builtins.property
+    def route(self) -> Global___KeyRoute: ...
+    @_builtins.property
+    def limits(self) -> Global___KeyLimits: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        name: _builtins.str | None = ...,
+        route: Global___KeyRoute | None = ...,
+        limits: Global___KeyLimits | None = ...,
+        expires_at: _builtins.int | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at", "_name", b"_name", "expires_at", b"expires_at", "limits", b"limits", "name", b"name", "route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at", "_name", b"_name", "expected_version", b"expected_version", "expires_at", b"expires_at", "key_id", b"key_id", "limits", b"limits", "name", b"name", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expires_at: _TypeAlias = _typing.Literal["expires_at"]  # noqa: Y015
+    _WhichOneofArgType__expires_at: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expires_at) -> _WhichOneofReturnType__expires_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class RevokeKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    expected_version: _builtins.int
+    """As in UpdateKeyRequest."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeKeyRequest: _TypeAlias = RevokeKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyRequest: _TypeAlias = GetKeyRequest  # noqa: Y015
+
+@_typing.final
+class ListKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    include_revoked: _builtins.bool
+    """Revoked keys too (for audit); a gateway loading its keys leaves this false."""
+    def __init__(
+        self,
+        *,
+        include_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysRequest: _TypeAlias = ListKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    EVENTS_CURSOR_FIELD_NUMBER: _builtins.int
+    events_cursor: _builtins.str
+    """The last event before the keys were read: WatchEvents after this id
+    misses no change to them (a change may be both listed and seen again).
+    """
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayKey]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___GatewayKey] | None = ...,
+        events_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_cursor", b"events_cursor", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015

@@ -74,6 +74,31 @@ class AuthServiceStub:
                 request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.AccountEvent.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/CreateKey',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/UpdateKey',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/RevokeKey',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+                _registered_method=True)
+        self.GetKey = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/GetKey',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/ListKeys',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -133,6 +158,46 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """Gateway keys at runtime (DESIGN.md §6.1). Every change appends a KEY_CHANGED
+        event in the same atomic step: a gateway loads every key with ListKeys, then
+        watches from ListKeysResponse.events_cursor and refetches a changed key with
+        GetKey (revoked_at != 0: the key is gone).
+
+        Creates a key. Its secret is in the answer only; the service stores its SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """Replaces the parts present in the request. FAILED_PRECONDITION: the key is
+        revoked, or expected_version is not its version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes a key for good; its record stays, with revoked_at, for audit.
+        FAILED_PRECONDITION: already revoked, or expected_version is not its version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +240,31 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.WatchEventsRequest.FromString,
                     response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.AccountEvent.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.SerializeToString,
+            ),
+            'GetKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKey,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetKeyRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +483,141 @@ class AuthService:
             '/keyrelay.auth.v1.AuthService/WatchEvents',
             keyrelay_dot_auth_dot_v1_dot_auth__pb2.WatchEventsRequest.SerializeToString,
             keyrelay_dot_auth_dot_v1_dot_auth__pb2.AccountEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/CreateKey',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/UpdateKey',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/RevokeKey',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/GetKey',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetKeyRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GatewayKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/ListKeys',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,8 +5,9 @@ keyrelay auth service: owns OAuth 2.0 Authorization Code + PKCE grants and
 hands access tokens to gateway workers. See DESIGN.md §1 for the contract.
 
 Callers authenticate with `authorization: Bearer <service token>` metadata.
-Role `gateway` may call GetToken, GetAccount and WatchEvents; role `admin`
-may call everything. A refresh token never appears in any message here.
+Role `gateway` may call GetToken, GetAccount, WatchEvents, ListKeys and GetKey;
+role `admin` may call everything. A refresh token never appears in any message
+here, nor does a gateway key's secret except once, in CreateKeyResponse.
 """
 
 from collections import abc as _abc
@@ -52,6 +53,24 @@ class AuthServiceStub:
     metadata `keyrelay-events-cursor` carries the id the stream starts after,
     so a watcher that saw no event can still resume without a gap.
     """
+    CreateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateKeyRequest, _auth_pb2.CreateKeyResponse]
+    """Gateway keys at runtime (DESIGN.md §6.1). Every change appends a KEY_CHANGED
+    event in the same atomic step: a gateway loads every key with ListKeys, then
+    watches from ListKeysResponse.events_cursor and refetches a changed key with
+    GetKey (revoked_at != 0: the key is gone).
+
+    Creates a key. Its secret is in the answer only; the service stores its SHA-256.
+    """
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.GatewayKey]
+    """Replaces the parts present in the request. FAILED_PRECONDITION: the key is
+    revoked, or expected_version is not its version.
+    """
+    RevokeKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.GatewayKey]
+    """Revokes a key for good; its record stays, with revoked_at, for audit.
+    FAILED_PRECONDITION: already revoked, or expected_version is not its version.
+    """
+    GetKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetKeyRequest, _auth_pb2.GatewayKey]
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -71,6 +90,24 @@ class AuthServiceAsyncStub(AuthServiceStub):
     metadata `keyrelay-events-cursor` carries the id the stream starts after,
     so a watcher that saw no event can still resume without a gap.
     """
+    CreateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateKeyRequest, _auth_pb2.CreateKeyResponse]  # type: ignore[assignment]
+    """Gateway keys at runtime (DESIGN.md §6.1). Every change appends a KEY_CHANGED
+    event in the same atomic step: a gateway loads every key with ListKeys, then
+    watches from ListKeysResponse.events_cursor and refetches a changed key with
+    GetKey (revoked_at != 0: the key is gone).
+
+    Creates a key. Its secret is in the answer only; the service stores its SHA-256.
+    """
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.GatewayKey]  # type: ignore[assignment]
+    """Replaces the parts present in the request. FAILED_PRECONDITION: the key is
+    revoked, or expected_version is not its version.
+    """
+    RevokeKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.GatewayKey]  # type: ignore[assignment]
+    """Revokes a key for good; its record stays, with revoked_at, for audit.
+    FAILED_PRECONDITION: already revoked, or expected_version is not its version.
+    """
+    GetKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetKeyRequest, _auth_pb2.GatewayKey]  # type: ignore[assignment]
+    ListKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]  # type: ignore[assignment]
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -135,5 +172,53 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         metadata `keyrelay-events-cursor` carries the id the stream starts after,
         so a watcher that saw no event can still resume without a gap.
         """
+
+    @_abc_1.abstractmethod
+    def CreateKey(
+        self,
+        request: _auth_pb2.CreateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateKeyResponse, _abc.Awaitable[_auth_pb2.CreateKeyResponse]]:
+        """Gateway keys at runtime (DESIGN.md §6.1). Every change appends a KEY_CHANGED
+        event in the same atomic step: a gateway loads every key with ListKeys, then
+        watches from ListKeysResponse.events_cursor and refetches a changed key with
+        GetKey (revoked_at != 0: the key is gone).
+
+        Creates a key. Its secret is in the answer only; the service stores its SHA-256.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _auth_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GatewayKey, _abc.Awaitable[_auth_pb2.GatewayKey]]:
+        """Replaces the parts present in the request. FAILED_PRECONDITION: the key is
+        revoked, or expected_version is not its version.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeKey(
+        self,
+        request: _auth_pb2.RevokeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GatewayKey, _abc.Awaitable[_auth_pb2.GatewayKey]]:
+        """Revokes a key for good; its record stays, with revoked_at, for audit.
+        FAILED_PRECONDITION: already revoked, or expected_version is not its version.
+        """
+
+    @_abc_1.abstractmethod
+    def GetKey(
+        self,
+        request: _auth_pb2.GetKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GatewayKey, _abc.Awaitable[_auth_pb2.GatewayKey]]: ...
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _auth_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListKeysResponse, _abc.Awaitable[_auth_pb2.ListKeysResponse]]: ...
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
