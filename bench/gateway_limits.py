@@ -1,0 +1,182 @@
+"""What limits cost a request: the same route with and without limits, side by side.
+
+One ``keyrelay gateway serve`` with two ``api_key`` routes to the fast fake
+upstream (``bench/fast_upstream.py``): ``plain`` without limits, and ``limited``
+with requests/min, tokens/min and concurrent requests all set (high enough never
+to refuse), so each request makes both store calls (admit, then finish) against a
+real Redis on loopback, as the gateway's ACL user. The load generator, the
+measurement windows and the rounds in which the two routes take turns are
+``bench/gateway.py``'s. Printed: non-stream req/s and req/s per gateway core at
+c=32, p50 at c=1, and the targets of issue 11 (limited >= 0.8x per core, and at
+most +0.2 ms p50 at c=1).
+
+Run from the repository root::
+
+    .venv/bin/python bench/gateway_limits.py            # ~30 s
+    .venv/bin/python bench/gateway_limits.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import (  # noqa: E402
+    add_window_args,
+    fmt_ms,
+    mark,
+    resolve_window_args,
+    run_bench,
+    table,
+    temp_dir,
+)
+from bench.gateway import (  # noqa: E402
+    API_KEY_ENV,
+    HIGH_CONCURRENCY,
+    Bench,
+    LoadGenerator,
+    Result,
+    Route,
+    Target,
+    _spawn,
+    client_headers,
+    gateway_config,
+    interleaved,
+    start_upstream,
+    wait_serving,
+)
+from keyrelay.gateway.keys import new_key  # noqa: E402
+from keyrelay.gateway.limits_store import acl_rules  # noqa: E402
+from tests.support.redis_server import AclUser, RedisServer, free_port  # noqa: E402
+
+PREFIX = "bench:"
+RATIO_TARGET = 0.8  # limited req/s per core at c=32 / the same route without limits
+ADDED_P50_TARGET_MS = 0.2  # limited p50 at c=1 minus the route's without limits
+# Set, so every check and counter runs, and never reached.
+LIMITS = {
+    "requests_per_minute": 10**9,
+    "tokens_per_minute": 10**12,
+    "concurrent_requests": 10**6,
+}
+
+
+def start_limited_gateway(
+    stack: contextlib.ExitStack, tmp: Path, upstream_url: str, redis_url: str
+) -> tuple[Target, Target]:
+    plain, limited = Route("plain", new_key()), Route("limited", new_key())
+    port = free_port()
+    data = gateway_config(upstream_url, port, [plain, limited])
+    data["keys"][1]["limits"] = LIMITS
+    url_file = tmp / "limits-url"
+    url_file.write_text(redis_url + "\n")
+    url_file.chmod(0o600)
+    data["gateway"]["limits"] = {"redis_url": {"file": str(url_file)}, "key_prefix": PREFIX}
+    config = tmp / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(data).encode())
+    env = {**os.environ, API_KEY_ENV: "sk-bench-" + "0" * 32}
+    argv = [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)]
+    gateway = _spawn(
+        stack, "gateway", argv, tmp / "gateway.log", stdout=subprocess.DEVNULL, env=env
+    )
+    url = wait_serving(gateway, port)
+    return (
+        Target("no limits", url, client_headers(plain.key), gateway),
+        Target("limited", url, client_headers(limited.key), gateway),
+    )
+
+
+def print_rows(low: Sequence[Result], high: Sequence[Result]) -> None:
+    rows = []
+    for at_1, at_32 in zip(low, high, strict=True):
+        per_core = at_32.per_core
+        rows.append(
+            [
+                at_1.path.label,
+                fmt_ms(at_1.p(50)),
+                fmt_ms(at_1.p(99)),
+                f"{at_32.rate:.0f}",
+                "-" if per_core is None else f"{per_core:.0f}",
+                fmt_ms(at_32.p(50)),
+                str(at_1.errors + at_32.errors),
+            ]
+        )
+    print(
+        table(
+            ["route", "p50 c=1", "p99 c=1", "req/s c=32", "req/s/core c=32", "p50 c=32", "errors"],
+            rows,
+        )
+    )
+    (plain_1, limited_1), (plain_32, limited_32) = low, high
+    added = limited_1.p(50) - plain_1.p(50)
+    print(
+        f"\n{mark(added <= ADDED_P50_TARGET_MS)} limited: p50 added at c=1 "
+        f"<= {ADDED_P50_TARGET_MS} ms: {added:+.3f} ms "
+        f"({fmt_ms(limited_1.p(50))} vs {fmt_ms(plain_1.p(50))} ms)"
+    )
+    limited_core, plain_core = limited_32.per_core, plain_32.per_core
+    if limited_core and plain_core:
+        share = limited_core / plain_core
+        print(
+            f"{mark(share >= RATIO_TARGET)} limited: non-stream req/s per gateway core at "
+            f"c={HIGH_CONCURRENCY} >= {RATIO_TARGET}x without limits: {share:.2f}x "
+            f"({limited_core:.0f} vs {plain_core:.0f}; req/s {limited_32.rate:.0f} vs "
+            f"{plain_32.rate:.0f})"
+        )
+
+
+def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    tmp = temp_dir(stack, "keyrelay-bench-limits-")
+    password = new_key()
+    redis = RedisServer(
+        tmp / "redis",
+        extra_args=("--appendonly", "no"),
+        acl_user=AclUser("gateway", password, rules=acl_rules(PREFIX, password)),
+    ).start()
+    stack.callback(redis.stop)
+    load = LoadGenerator(args.load_procs)
+    stack.callback(load.stop)
+    upstream, upstream_url = start_upstream(stack, tmp, 4096)
+    paths = start_limited_gateway(stack, tmp, upstream_url, redis.acl_url)
+    gateway = paths[0].proxy
+    assert gateway is not None
+    bench = Bench(load, gateway, upstream, args)
+    print(
+        f"gateway limits benchmark: {os.cpu_count()} cpu(s); window {args.seconds:g} s after "
+        f"{args.warmup:g} s warm-up in {args.rounds} round(s), the routes taking turns; "
+        f"redis-server on loopback (the gateway's ACL user)",
+        flush=True,
+    )
+    low = interleaved(paths, args.rounds, lambda p: bench.measure(p, stream=False, concurrency=1))
+    high = interleaved(
+        paths,
+        args.rounds,
+        lambda p: bench.measure(p, stream=False, concurrency=HIGH_CONCURRENCY),
+    )
+    print_rows(low, high)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    add_window_args(parser, quick_help="smoke run: short windows")
+    parser.add_argument("--load-procs", type=int, default=1, help="load-generator processes (1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (3; --quick 1)")
+    args = parser.parse_args(argv)
+    resolve_window_args(parser, args)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    return run_bench(lambda stack: run(args, stack))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
