@@ -561,6 +561,105 @@ def _add_key_flags(parser: argparse.ArgumentParser, *, new: bool) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+# -- usage ---------------------------------------------------------------------
+
+
+_USAGE_HEADER = ("DAY", "SUBJECT", "REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE")
+_TOTAL_OF = {"key": "keys", "account": "accounts"}
+
+
+def usage_subject(row: auth_pb2.UsageRow) -> str:
+    """``key ci (gk-...)``, ``key sha256:0123456789ab...`` (a key the auth service does
+    not know: a config-file key), ``account alice``; in totals, ``keys``/``accounts``."""
+    if not row.day:
+        return _TOTAL_OF.get(row.kind, row.kind)
+    if row.kind == "key" and row.key_id:
+        return f"key {row.name} ({row.key_id})"
+    if row.kind == "key":
+        return f"key {row.id[:19]}..."
+    return f"{row.kind} {row.id}"
+
+
+def format_usage(reply: auth_pb2.GetUsageResponse) -> str:
+    """The rows and a totals line per kind; right-aligned numbers."""
+    table = [(*_USAGE_HEADER, "COST")]
+    for row in [*reply.rows, *reply.totals]:
+        table.append(
+            (
+                row.day or "TOTAL",
+                usage_subject(row),
+                f"{row.requests:,}",
+                f"{row.input_tokens:,}",
+                f"{row.output_tokens:,}",
+                f"{row.cache_read_input_tokens:,}",
+                f"{row.cache_creation_input_tokens:,}",
+                f"${row.cost_usd:,.4f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r))
+        for r in table
+    ]
+    lines.insert(len(reply.rows) + 1, "")  # the totals apart
+    unpriced = sum(t.unpriced for t in reply.totals if t.kind == "key")
+    if unpriced:
+        lines.append(f"({unpriced:,} requests of models without a price: not in COST)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def usage_json(reply: auth_pb2.GetUsageResponse) -> dict[str, object]:
+    def row(message: auth_pb2.UsageRow) -> dict[str, object]:
+        return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+    return {
+        "since": reply.since,
+        "until": reply.until,
+        "rows": [row(r) for r in reply.rows],
+        "totals": [row(t) for t in reply.totals],
+    }
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    request = auth_pb2.GetUsageRequest(account_id=args.account or "")
+    if args.key and args.key.startswith("sha256:"):
+        request.key_sha256 = args.key
+    elif args.key:
+        request.key_id = args.key
+    if args.days is not None:
+        request.days = args.days
+    try:
+        reply = stub.GetUsage(request, metadata=md, timeout=30)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    if args.json:
+        _print_json(usage_json(reply))
+    elif not reply.rows:
+        print(f"no usage recorded from {reply.since} to {reply.until} (UTC)")
+    else:
+        print(format_usage(reply))
+    return 0
+
+
+def _add_usage_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    usage = verbs.add_parser(
+        "usage",
+        help="usage the gateways recorded, per key, account and UTC day",
+        description=(
+            "Requests, tokens by kind and cost the gateways recorded, per key and account "
+            "and UTC day, with totals per kind (a request counts under its key and its "
+            "account). Recorded for keys and accounts that have limits."
+        ),
+    )
+    usage.add_argument("--key", help="a key: its id (gk-...) or its hash (sha256:...)")
+    usage.add_argument("--account", help="an account")
+    usage.add_argument("--days", type=int, help="UTC days ending today, 1 to 400 (default 30)")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    _add_client_flags(usage)
+    usage.set_defaults(func=cmd_usage)
+
+
 # -- wiring ------------------------------------------------------------------
 
 
@@ -634,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_serve.set_defaults(func=cmd_gateway_serve)
 
     _add_keys_verbs(verbs)
+    _add_usage_verb(verbs)
 
     dev = verbs.add_parser("dev", help="run the whole stack locally: Redis, auth, gateway")
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")

@@ -56,6 +56,7 @@ ALL_METHODS = (
     "RevokeKey",
     "GetKey",
     "ListKeys",
+    "GetUsage",
 )
 GATEWAY_ALLOWED = ("GetToken", "GetAccount", "WatchEvents", "ListKeys", "GetKey")
 INTERNAL_MESSAGE = "internal error; see the service log"

@@ -87,6 +87,15 @@ from keyrelay.auth.core.refresh import (
 )
 from keyrelay.auth.core.store_failure import store_operation
 from keyrelay.auth.core.tokens import FailureKind, TokenEndpointError, TokenSet
+from keyrelay.auth.core.usage import (
+    UsageReport,
+    UsageRow,
+    check_rows,
+    day_labels,
+    report,
+    utc_today,
+    validate_query,
+)
 from keyrelay.auth.events import EventHub, Watch
 from keyrelay.auth.provider_client import ProviderClient
 from keyrelay.auth.store.crypto import DecryptError
@@ -97,6 +106,7 @@ from keyrelay.auth.store.redis_store import (
     RedisStore,
     StoredTokens,
 )
+from keyrelay.auth.store.usage_store import UsageStore
 from keyrelay.gateway.keys import key_hash, new_key
 from keyrelay.log_limit import LineLimiter
 from keyrelay.tracing import NOOP_TRACER, Tracer
@@ -119,7 +129,7 @@ STORE_ERROR_LINE = "token store (Redis) error"
 STORE_BACK_LINE = "token store (Redis) answers again"
 MAX_DETAIL_CHARS = 200
 # Where store_operation finds the operation.
-_STORE_MODULES = (RedisStore.__module__, KeyStore.__module__)
+_STORE_MODULES = (RedisStore.__module__, KeyStore.__module__, UsageStore.__module__)
 _ANSWERS_AGAIN = ("", "answers again")  # the limiter's key of STORE_BACK_LINE
 # The readiness check of Redis (web /readyz) answers within this: a kubelet's probe
 # waits 1 s by default, and redis-py's reconnect retries would take seconds.
@@ -308,6 +318,7 @@ class AuthService:
         replica's reader of the event stream (default: one with the default limits)."""
         self._store = store
         self._keys = KeyStore(store)
+        self._usage = UsageStore(store)
         self._events = events or EventHub(
             store,
             queue_events=DEFAULT_EVENTS_SUBSCRIBER_QUEUE,
@@ -936,6 +947,47 @@ class AuthService:
             cursor = await self._store.last_event_id()
             records = await self._keys.list_keys()
         return [r for r in records if include_revoked or not r.revoked], cursor
+
+    # -- usage (recorded by the gateways; rules: core.usage) -----------------------
+
+    async def get_usage(
+        self,
+        *,
+        key_id: str = "",
+        key_sha256: str = "",
+        account_id: str = "",
+        days: int | None = None,
+    ) -> UsageReport:
+        """Usage per subject and UTC day over ``days`` days ending today: of the key
+        (by runtime id or by hash) and/or the account named, or of every subject
+        with usage then. Keys known to the auth service are named in the rows."""
+        query = validate_query(key_id, key_sha256, account_id, days)
+        labels = day_labels(utc_today(self._clock()), query.days)
+        if query.key_id:
+            key_sha256 = (await self.get_key(query.key_id)).key_sha256
+        subjects = [("key", key_sha256)] if key_sha256 else []
+        if query.account_id:
+            subjects.append(("account", query.account_id))
+        with self._store_errors:
+            if query.filtered:
+                cells = [(kind, sid, day) for day in labels for kind, sid in subjects]
+            else:
+                check_rows(await self._usage.count_subjects(labels), query.days)
+                cells = await self._usage.subjects_on(labels)
+            found = [
+                (cell, usage)
+                for cell, usage in zip(cells, await self._usage.read(cells), strict=True)
+                if not usage.empty
+            ]
+            hashes = sorted({sid for (kind, sid, _), _ in found if kind == "key"})
+            keys = await self._keys.keys_by_sha256(hashes)
+        rows = []
+        for (kind, sid, day), usage in found:
+            key = keys.get(sid) if kind == "key" else None
+            rows.append(
+                UsageRow(day, kind, sid, usage, key.key_id if key else "", key.name if key else "")
+            )
+        return report(labels, rows)
 
     # -- events -------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from grpc import aio
 
 from keyrelay.auth.core.errors import InvalidArgument
 from keyrelay.auth.core.gateway_keys import Budget, KeyChanges, KeyRecord, Limits, Route
+from keyrelay.auth.core.usage import UsageRow
 from keyrelay.auth.events import FellBehind, TooManySubscribers
 from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.redis_store import AccountRecord, StoredEvent
@@ -145,6 +146,25 @@ def key_message(record: KeyRecord) -> auth_pb2.GatewayKey:
     return message
 
 
+def usage_row_message(row: UsageRow) -> auth_pb2.UsageRow:
+    usage = row.usage
+    return auth_pb2.UsageRow(
+        day=row.day,
+        kind=row.kind,
+        id=row.id,
+        key_id=row.key_id,
+        name=row.name,
+        requests=usage.requests,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        tokens=usage.tokens,
+        cost_usd=usage.cost_usd,
+        unpriced=usage.unpriced,
+    )
+
+
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     def __init__(self, service: AuthService) -> None:
         self._service = service
@@ -239,6 +259,22 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         records, cursor = await self._service.list_keys(include_revoked=request.include_revoked)
         return auth_pb2.ListKeysResponse(
             keys=[key_message(r) for r in records], events_cursor=cursor
+        )
+
+    async def GetUsage(
+        self, request: auth_pb2.GetUsageRequest, context: Context
+    ) -> auth_pb2.GetUsageResponse:
+        report = await self._service.get_usage(
+            key_id=request.key_id,
+            key_sha256=request.key_sha256,
+            account_id=request.account_id,
+            days=request.days if request.HasField("days") else None,
+        )
+        return auth_pb2.GetUsageResponse(
+            since=report.since,
+            until=report.until,
+            rows=[usage_row_message(r) for r in report.rows],
+            totals=[usage_row_message(r) for r in report.totals],
         )
 
     async def WatchEvents(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Sequence
 from typing import Final, cast
 
 from keyrelay.auth.core.gateway_keys import (
@@ -236,7 +237,19 @@ class KeyStore:
         """Every key, revoked ones included, oldest first: one round trip for the ids,
         one pipelined round trip for the records."""
         members = cast(list[bytes], await self._redis.zrange(self._ids_key, 0, -1))
-        ids = [m.decode() for m in members]
+        return await self._records([m.decode() for m in members])
+
+    async def keys_by_sha256(self, key_sha256s: Sequence[str]) -> dict[str, KeyRecord]:
+        """The runtime keys among ``key_sha256s`` (revoked ones too), by hash: one
+        round trip for the ids, one pipelined round trip for the records."""
+        if not key_sha256s:
+            return {}
+        found = cast(list[bytes | None], await self._redis.hmget(self._sha_index, key_sha256s))
+        ids = [i.decode() for i in found if i is not None]
+        records = await self._records(ids)
+        return {r.key_sha256: r for r in records}
+
+    async def _records(self, ids: Sequence[str]) -> list[KeyRecord]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key_id in ids:
                 pipe.hgetall(self._key(key_id))

@@ -6,7 +6,7 @@ hands access tokens to gateway workers. See DESIGN.md §1 for the contract.
 
 Callers authenticate with `authorization: Bearer <service token>` metadata.
 Role `gateway` may call GetToken, GetAccount, WatchEvents, ListKeys and GetKey;
-role `admin` may call everything. A refresh token never appears in any message
+role `admin` may call everything (GetUsage is admin only). A refresh token never appears in any message
 here, nor does a gateway key's secret except once, in CreateKeyResponse.
 """
 
@@ -783,3 +783,140 @@ class ListKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """No key or account: every subject with usage in the range. A key and an
+    account: the rows of both.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_SHA256_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """A runtime key by its id, or any key (a config-file key too) by its hash
+    ("sha256:<64 lowercase hex digits>"); at most one of the two.
+    """
+    key_sha256: _builtins.str
+    account_id: _builtins.str
+    days: _builtins.int
+    """UTC days ending today (the auth service's clock), 1 to 400; unset: 30."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        key_sha256: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        days: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_days", b"_days", "days", b"days"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_days", b"_days", "account_id", b"account_id", "days", b"days", "key_id", b"key_id", "key_sha256", b"key_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__days: _TypeAlias = _typing.Literal["days"]  # noqa: Y015
+    _WhichOneofArgType__days: _TypeAlias = _typing.Literal["_days", b"_days"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__days) -> _WhichOneofReturnType__days | None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    UNPRICED_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """"YYYY-MM-DD" (UTC); empty in totals."""
+    kind: _builtins.str
+    """"key" or "account"."""
+    id: _builtins.str
+    """A key's "sha256:<hex>" or an account id; empty in totals."""
+    key_id: _builtins.str
+    """A key known to the auth service (runtime keys): its id and name."""
+    name: _builtins.str
+    requests: _builtins.int
+    input_tokens: _builtins.int
+    output_tokens: _builtins.int
+    cache_creation_input_tokens: _builtins.int
+    cache_read_input_tokens: _builtins.int
+    tokens: _builtins.int
+    """The tokens limits and budgets count."""
+    cost_usd: _builtins.float
+    """US dollars (recorded in whole micro-dollars)."""
+    unpriced: _builtins.int
+    """Requests of a metered model without a price: not in cost_usd."""
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cache_creation_input_tokens: _builtins.int = ...,
+        cache_read_input_tokens: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        unpriced: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "cost_usd", b"cost_usd", "day", b"day", "id", b"id", "input_tokens", b"input_tokens", "key_id", b"key_id", "kind", b"kind", "name", b"name", "output_tokens", b"output_tokens", "requests", b"requests", "tokens", b"tokens", "unpriced", b"unpriced"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    since: _builtins.str
+    """The first and last day of the range ("YYYY-MM-DD", UTC)."""
+    until: _builtins.str
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """Days with usage only; by day, then kind ("key" before "account"), then id."""
+
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """One per kind present. A request is recorded under its key and, when the
+        key routes to an account, under the account too: kinds are not added up.
+        """
+
+    def __init__(
+        self,
+        *,
+        since: _builtins.str = ...,
+        until: _builtins.str = ...,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        totals: _abc.Iterable[Global___UsageRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "since", b"since", "totals", b"totals", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015

@@ -99,6 +99,11 @@ class AuthServiceStub:
                 request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/keyrelay.auth.v1.AuthService/GetUsage',
+                request_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -198,6 +203,17 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Usage the gateways recorded (DESIGN.md §6.2): per subject (a key or an
+        account) and UTC day, over the last `days` days. Admin only. NOT_FOUND: no
+        runtime key has key_id. INVALID_ARGUMENT (naming the field): a malformed
+        filter, days out of 1..400, or more than 5,000 rows in the answer (filter
+        by key or account, or ask for fewer days).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +281,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.FromString,
                     response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageRequest.FromString,
+                    response_serializer=keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +639,33 @@ class AuthService:
             '/keyrelay.auth.v1.AuthService/ListKeys',
             keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysRequest.SerializeToString,
             keyrelay_dot_auth_dot_v1_dot_auth__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyrelay.auth.v1.AuthService/GetUsage',
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageRequest.SerializeToString,
+            keyrelay_dot_auth_dot_v1_dot_auth__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ hands access tokens to gateway workers. See DESIGN.md §1 for the contract.
 
 Callers authenticate with `authorization: Bearer <service token>` metadata.
 Role `gateway` may call GetToken, GetAccount, WatchEvents, ListKeys and GetKey;
-role `admin` may call everything. A refresh token never appears in any message
+role `admin` may call everything (GetUsage is admin only). A refresh token never appears in any message
 here, nor does a gateway key's secret except once, in CreateKeyResponse.
 """
 
@@ -71,6 +71,13 @@ class AuthServiceStub:
     """
     GetKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetKeyRequest, _auth_pb2.GatewayKey]
     ListKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]
+    """Usage the gateways recorded (DESIGN.md §6.2): per subject (a key or an
+    account) and UTC day, over the last `days` days. Admin only. NOT_FOUND: no
+    runtime key has key_id. INVALID_ARGUMENT (naming the field): a malformed
+    filter, days out of 1..400, or more than 5,000 rows in the answer (filter
+    by key or account, or ask for fewer days).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -108,6 +115,13 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetKeyRequest, _auth_pb2.GatewayKey]  # type: ignore[assignment]
     ListKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]  # type: ignore[assignment]
+    GetUsage: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Usage the gateways recorded (DESIGN.md §6.2): per subject (a key or an
+    account) and UTC day, over the last `days` days. Admin only. NOT_FOUND: no
+    runtime key has key_id. INVALID_ARGUMENT (naming the field): a malformed
+    filter, days out of 1..400, or more than 5,000 rows in the answer (filter
+    by key or account, or ask for fewer days).
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -220,5 +234,18 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListKeysResponse, _abc.Awaitable[_auth_pb2.ListKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _auth_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetUsageResponse, _abc.Awaitable[_auth_pb2.GetUsageResponse]]:
+        """Usage the gateways recorded (DESIGN.md §6.2): per subject (a key or an
+        account) and UTC day, over the last `days` days. Admin only. NOT_FOUND: no
+        runtime key has key_id. INVALID_ARGUMENT (naming the field): a malformed
+        filter, days out of 1..400, or more than 5,000 rows in the answer (filter
+        by key or account, or ask for fewer days).
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,8 @@ handlers only translate (forms and query strings in, HTML out) and delegate.
 ``/paste``       POST   SubmitCode with a pasted code / ``code#state`` / redirect URL
 ``/cancel``      POST   CancelFlow of a waiting flow
 ``/disconnect``  POST   Disconnect
+``/usage``       GET    the keys' usage of the last 30 days as an SVG chart
+                        (``?metric=cost`` (default) or ``tokens``)
 ===============  =====  ==========================================================
 
 Security: the session cookie is a random id (HttpOnly, SameSite=Strict, Secure
@@ -37,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
@@ -63,10 +65,12 @@ from keyrelay.auth.service import AuthService
 from keyrelay.auth.web.pages import (
     Flash,
     Html,
+    UsageDay,
     accounts_page,
     callback_done_page,
     login_page,
     message_page,
+    usage_page,
 )
 from keyrelay.auth.web.sessions import PendingFlow, Session, SessionStore, caller_fingerprint
 from keyrelay.configfile import host_port
@@ -78,6 +82,7 @@ SESSION_COOKIE = "keyrelay_session"
 LOGIN_COOKIE = "keyrelay_login"
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_FORM_BYTES = 64 * 1024
+USAGE_DAYS = 30  # the usage page's chart
 
 # The usual gRPC → HTTP mapping (as grpc-gateway does it).
 HTTP_STATUS: Mapping[type[AuthError], int] = {
@@ -179,6 +184,7 @@ class WebApp:
         app.router.add_post("/paste", self.paste)
         app.router.add_post("/cancel", self.cancel)
         app.router.add_post("/disconnect", self.disconnect)
+        app.router.add_get("/usage", self.usage)
         return app
 
     # -- plumbing -----------------------------------------------------------
@@ -366,6 +372,26 @@ class WebApp:
         if session is None:
             raise web.HTTPSeeOther("/login")
         return await self._accounts(session)
+
+    async def usage(self, request: web.Request) -> web.Response:
+        session = await self._session(request)
+        if session is None:
+            raise web.HTTPSeeOther("/login")
+        metric: Literal["cost", "tokens"] = (
+            "tokens" if request.query.get("metric") == "tokens" else "cost"
+        )
+        report = await self._service.get_usage(days=USAGE_DAYS)
+        by_day = {day: UsageDay(day, 0, 0, 0.0) for day in report.days}
+        for row in report.rows:
+            if row.kind == "key":  # a request is under its key, and maybe its account too
+                seen = by_day[row.day]
+                by_day[row.day] = UsageDay(
+                    row.day,
+                    seen.requests + row.usage.requests,
+                    seen.tokens + row.usage.tokens,
+                    seen.cost_usd + row.usage.cost_usd,
+                )
+        return html_response(usage_page(list(by_day.values()), metric, csrf=session.csrf))
 
     async def connect(self, request: web.Request) -> web.Response:
         session, form = await self._post(request)

@@ -25,12 +25,15 @@ __all__ = [
     "Flash",
     "Html",
     "PendingView",
+    "UsageDay",
     "accounts_page",
     "callback_done_page",
     "esc",
     "login_page",
     "message_page",
     "render",
+    "usage_chart",
+    "usage_page",
 ]
 
 
@@ -304,7 +307,8 @@ def accounts_page(
     now = time.time() if now is None else now
     body = render(
         "$flashes<section><h2>Connect an account</h2>$connect</section>$pending"
-        "<section><h2>Accounts</h2>$accounts</section>",
+        "<section><h2>Accounts</h2>$accounts</section>"
+        '<p><a href="/usage">Usage, last 30 days</a></p>',
         flashes=_flashes(flashes),
         connect=_connect_form(providers, csrf, account_id, provider),
         pending=_pending_table(pending, csrf, now),
@@ -334,3 +338,97 @@ def callback_done_page(text: str) -> Html:
         flash=_flashes([Flash("ok", text)]),
     )
     return page("Connected", body, refresh_to="/")
+
+
+# -- usage ------------------------------------------------------------------------------
+
+CHART_WIDTH, CHART_HEIGHT, CHART_TOP, CHART_BOTTOM = 720, 180, 16, 28
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDay:
+    """One day of the chart: the keys' usage that day (every recorded request is
+    recorded under its key; accounts would count it again)."""
+
+    day: str
+    requests: int
+    tokens: int
+    cost_usd: float
+
+
+def usage_chart(days: Sequence[UsageDay], metric: Literal["cost", "tokens"]) -> Html:
+    """An inline SVG bar chart of ``metric`` per day (no script, no external file)."""
+    values = [d.cost_usd if metric == "cost" else float(d.tokens) for d in days]
+    top = max(values, default=0.0) or 1.0
+    slot = CHART_WIDTH / max(len(days), 1)
+    plot = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
+    bars = []
+    for i, (day, value) in enumerate(zip(days, values, strict=True)):
+        height = plot * value / top
+        shown = f"${value:,.4f}" if metric == "cost" else f"{int(value):,} tokens"
+        bars.append(
+            render(
+                '<rect x="$x" y="$y" width="$w" height="$h" fill="#2563eb">'
+                "<title>$day: $shown, $requests requests</title></rect>",
+                x=f"{i * slot + 1:.1f}",
+                y=f"{CHART_TOP + plot - height:.1f}",
+                w=f"{max(slot - 2, 1):.1f}",
+                h=f"{height:.1f}",
+                day=day.day,
+                shown=shown,
+                requests=f"{day.requests:,}",
+            )
+        )
+    peak = f"${top:,.4f}" if metric == "cost" else f"{int(top):,} tokens"
+    labels = [
+        render(
+            '<text x="$x" y="$y" font-size="11" fill="#6b7280" text-anchor="$anchor">$text</text>',
+            x=f"{x:.1f}",
+            y=CHART_HEIGHT - 8,
+            anchor=anchor,
+            text=text,
+        )
+        for x, anchor, text in (
+            (0, "start", days[0].day if days else ""),
+            (CHART_WIDTH, "end", days[-1].day if days else ""),
+        )
+    ]
+    return render(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="$w" height="$h" viewBox="0 0 $w $h" '
+        'role="img" aria-label="$what per day"><title>$what per day (peak $peak)</title>'
+        '<line x1="0" y1="$base" x2="$w" y2="$base" stroke="#c4cad3"/>'
+        '<text x="0" y="11" font-size="11" fill="#6b7280">$peak</text>$bars$labels</svg>',
+        w=CHART_WIDTH,
+        h=CHART_HEIGHT,
+        base=CHART_HEIGHT - CHART_BOTTOM,
+        what="Cost (USD)" if metric == "cost" else "Tokens",
+        peak=peak,
+        bars=join(bars),
+        labels=join(labels),
+    )
+
+
+def usage_page(days: Sequence[UsageDay], metric: Literal["cost", "tokens"], *, csrf: str) -> Html:
+    total = UsageDay(
+        "",
+        sum(d.requests for d in days),
+        sum(d.tokens for d in days),
+        sum(d.cost_usd for d in days),
+    )
+    other = "tokens" if metric == "cost" else "cost"
+    body = render(
+        """<p><a href="/">&larr; Accounts</a></p><section><h2>Usage, last $count days (UTC)</h2>
+<p class="muted">Recorded by the gateways for keys and accounts with limits.
+Showing $metric; <a href="/usage?metric=$other">show $other</a>.
+<code>keyrelay usage</code> has it per key and account.</p>
+$chart
+<p>Total: $requests requests, $tokens tokens, $cost.</p></section>""",
+        count=len(days),
+        metric=metric,
+        other=other,
+        chart=usage_chart(days, metric),
+        requests=f"{total.requests:,}",
+        tokens=f"{total.tokens:,}",
+        cost=f"${total.cost_usd:,.4f}",
+    )
+    return page("Usage", body, csrf=csrf)
