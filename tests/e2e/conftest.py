@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from tests.conftest import AuthFactory
 from tests.integration.test_auth_flow import connect
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import OAUTH_KEY, RunningGateway, gateway_config, start_gateway
+from tests.support.redis_server import RedisServer
 
 
 @dataclass
@@ -51,3 +52,13 @@ async def stack(make_auth: AuthFactory, upstream: FakeUpstream) -> AsyncIterator
     result = Stack(auth, stub, upstream, gateway)
     yield result
     await result.gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def limits_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis for the limits store, with the gateway's ACL user (test_gateway_limits)."""
+    from tests.e2e.test_gateway_limits import GATEWAY_USER
+
+    server = RedisServer(tmp_path_factory.mktemp("gw-limits"), acl_user=GATEWAY_USER).start()
+    yield server
+    server.stop()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,6 @@ RATELIMIT_HEADERS = (
     "x-keyrelay-ratelimit-remaining",
     "x-keyrelay-ratelimit-reset",
 )
-
-
-@pytest.fixture(scope="module")
-def limits_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("gw-limits"), acl_user=GATEWAY_USER).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -53,7 +53,13 @@ async def test_ready_when_an_auth_replica_answers(
     status, body, counted = await readyz(auth.port, upstream)
     assert (status, body, counted) == (
         200,
-        {"status": "ready", "store": "ok", "cached_tokens": 0},
+        {
+            "status": "ready",
+            "store": "ok",
+            "cached_tokens": 0,
+            "runtime_keys": "loaded",
+            "runtime_key_count": 0,
+        },
         1,
     )
 

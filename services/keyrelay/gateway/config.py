@@ -174,6 +174,12 @@ class GatewayConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     front_door: FrontDoorConfig = _FRONT_DOOR_DEFAULTS
     limits: LimitsStoreConfig | None = None  # [gateway.limits]; None: no limits store
+    # By name, for the keys created at runtime (keyrelay.gateway.key_book): a runtime
+    # key's route names a profile and an upstream of the config, and its account's
+    # limits are the config's [accounts.<id>.limits].
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    account_limits: Mapping[str, Limits] = field(default_factory=dict)
 
 
 # The defaults of every flat [gateway] key, from GatewayConfig's fields.
@@ -422,7 +428,7 @@ def _parse_accounts(section: Section, store: bool) -> dict[str, Limits]:
     return found
 
 
-def _subjects(
+def key_subjects(
     key_hash: str, name: str, account: str | None, key_limits: Limits | None,
     account_limits: Limits | None,
 ) -> tuple[Subject, ...]:  # fmt: skip
@@ -495,7 +501,7 @@ def parse_gateway_config(
             profile=profiles[profile_name],
             upstream=upstreams[upstream_name],
             api_key=api_key,
-            subjects=_subjects(
+            subjects=key_subjects(
                 key_hash, name, account, key_limits, account_limits.get(account or "")
             ),
         )
@@ -519,6 +525,9 @@ def parse_gateway_config(
         tracing=parse_tracing(gateway.table("tracing"), gateway=True),
         front_door=_parse_front_door(gateway),
         limits=limits_store,
+        profiles=profiles,
+        upstreams=upstreams,
+        account_limits=account_limits,
     )
     check_log_level(gateway, config.log_level)
     gateway.reject_unknown()

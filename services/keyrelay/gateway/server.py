@@ -95,6 +95,7 @@ def reserve_descriptors(config: GatewayConfig) -> None:
     RLIMIT_NOFILE if needed: otherwise they would run out before max_connections
     is reached. A ``ConfigError`` when even the hard limit is too low."""
     upstreams = {route.upstream.name: route.upstream for route in config.routes.values()}
+    upstreams |= config.upstreams  # runtime keys may name any of them
     needed = descriptors_needed(
         config.front_door.max_connections, sum(u.max_connections for u in upstreams.values())
     )

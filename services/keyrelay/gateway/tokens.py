@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import grpc
 from grpc import aio
@@ -75,11 +75,15 @@ class Readiness:
     the auth service's token store answered (``ok``, ``unavailable``; ``unknown``
     when no replica did): it does not decide readiness, cached tokens serve while
     it is down. ``cached_tokens``: the tokens this worker holds that are still valid.
+    ``runtime_keys``: ``loaded`` or ``loading`` (the first ``ListKeys`` has not
+    answered yet: not ready, ``keys_loading``); "" without [gateway.auth].
     """
 
     result: str
     store: str  # "" for a gateway without [gateway.auth]
     cached_tokens: int
+    runtime_keys: str = ""
+    runtime_key_count: int = 0
 
     @property
     def ready(self) -> bool:
@@ -90,6 +94,11 @@ class Readiness:
         entry: dict[str, object] = {"status": READINESS_STATUS[self.result]}
         if self.store:
             entry |= {"store": self.store, "cached_tokens": self.cached_tokens}
+        if self.runtime_keys:
+            entry |= {
+                "runtime_keys": self.runtime_keys,
+                "runtime_key_count": self.runtime_key_count,
+            }
         return json.dumps(entry, separators=(",", ":")).encode()
 
 
@@ -97,6 +106,7 @@ READINESS_STATUS: Final = {
     "ready": "ready",
     "auth_unreachable": "auth service unreachable",
     "token_refused": "the auth service refused this gateway's service token",
+    "keys_loading": "runtime keys not loaded yet (ListKeys has not answered)",
 }
 # Without [gateway.auth] (API-key routes only) nothing outside the worker is needed.
 READY_WITHOUT_AUTH: Final = Readiness("ready", "", 0)
@@ -170,6 +180,17 @@ def open_channel(
     return aio.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert), options=options)
 
 
+class EventListener(Protocol):
+    """Who else follows the event stream (``keyrelay.gateway.key_follower``)."""
+
+    def key_changed(self, event: auth_pb2.AccountEvent) -> None:
+        """A ``KEY_CHANGED`` event, in stream order."""
+
+    def run_started(self, cursor: str) -> None:
+        """A new unbroken run of events starts after ``cursor`` ("" when the server
+        named none): the events before it, and any not yet seen, may be missed."""
+
+
 class TokenClient:
     def __init__(
         self,
@@ -205,9 +226,21 @@ class TokenClient:
         # the event and returned an older token is used once but not cached.
         self._floor: dict[str, int] = {}
         self._last_event_id = ""
+        # Told of KEY_CHANGED events and of where the stream's unbroken run starts.
+        self.listener: EventListener | None = None
         self.hits = 0
         self.misses = 0
         self.rpcs = 0
+
+    @property
+    def stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        """The auth service's stub on this client's channel (for the key follower)."""
+        return self._stub
+
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The service token, as every call to the auth service carries it."""
+        return self._metadata
 
     async def get(self, account_id: str) -> CachedToken:
         cached = self._cache.get(account_id)
@@ -279,6 +312,8 @@ class TokenClient:
             auth_pb2.AccountEvent.CONNECTED,
         ):
             self.evict(event.account_id, event.generation)
+        elif event.kind == auth_pb2.AccountEvent.KEY_CHANGED and self.listener is not None:
+            self.listener.key_changed(event)
 
     async def watch(self, *, max_backoff: float = 5.0) -> None:
         """Follows ``WatchEvents`` forever, resuming after the last event seen.
@@ -291,12 +326,12 @@ class TokenClient:
         rng = random.Random()  # noqa: S311  # jitter, not secrets
         first = True
         while True:
+            after = self._last_event_id
             call = self._stub.WatchEvents(
-                auth_pb2.WatchEventsRequest(after_event_id=self._last_event_id),
-                metadata=self._metadata,
+                auth_pb2.WatchEventsRequest(after_event_id=after), metadata=self._metadata
             )
             try:
-                self._resume_point(await call.initial_metadata(), call, first=first)
+                self._resume_point(await call.initial_metadata(), call, first=first, after=after)
                 first = False
                 async for event in call:
                     self.apply_event(event)
@@ -308,15 +343,28 @@ class TokenClient:
             await asyncio.sleep(backoff * rng.uniform(0.5, 1.5))
             backoff = min(max_backoff, backoff * 2)
 
-    def _resume_point(self, metadata: aio.Metadata | None, call: aio.Call, *, first: bool) -> None:
+    def _resume_point(
+        self, metadata: aio.Metadata | None, call: aio.Call, *, first: bool, after: str = ""
+    ) -> None:
+        """``after``: the event id this stream was asked to start after ("": from now)."""
         cursor = dict(metadata or ()).get(EVENTS_CURSOR_METADATA)
         if isinstance(cursor, str) and cursor:
             if not self._last_event_id:
                 self._last_event_id = cursor
-        elif not first and not self._last_event_id and not call.done():
+            if not after:
+                # A stream from "now": an unbroken run of events starts after cursor
+                # (a stream resumed after an id continues the run it belongs to).
+                self._run_started(cursor)
+        elif not self._last_event_id and not call.done():
             # A connected stream from a server that names no cursor: the events
             # since the last stream are unknown, so start clean.
-            self._cache.clear()
+            if not first:
+                self._cache.clear()
+            self._run_started("")
+
+    def _run_started(self, cursor: str) -> None:
+        if self.listener is not None:
+            self.listener.run_started(cursor)
 
     async def close(self) -> None:
         await self._channel.close()

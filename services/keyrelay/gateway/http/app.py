@@ -4,7 +4,9 @@ No framework: the routes are a handful of fixed paths and the hot path should
 do the least work possible. One request, ``POST /v1/messages``:
 
 1. the gateway key (``x-api-key`` or ``Authorization: Bearer``) is hashed and
-   looked up: a route (account, mode, profile, upstream);
+   looked up in the key book (config keys, then keys created at runtime, which
+   ``KeyFollower`` keeps current): a route (account, mode, profile, upstream);
+   a raw key seen before costs a dict lookup and a version compare;
 2. the body is read up to ``max_request_bytes`` and parsed;
    then, for a key with limits (its own or its account's), one call to the
    limits store admits it or answers 429 (``_admit``); a key without limits
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -64,9 +67,17 @@ from keyrelay.gateway.core.usage import Billing, Usage
 from keyrelay.gateway.http.front_door import note
 from keyrelay.gateway.http.metrics import GatewayMetrics
 from keyrelay.gateway.http.upstream import UpstreamResponse, Upstreams
+from keyrelay.gateway.key_book import NEVER, KeyBook
+from keyrelay.gateway.key_follower import KeyFollower
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.limits_store import Lease, LimitsStore, LimitsUnavailable
-from keyrelay.gateway.tokens import READY_WITHOUT_AUTH, TokenClient, TokenError
+from keyrelay.gateway.tokens import (
+    READY_DEADLINE_SECONDS,
+    READY_WITHOUT_AUTH,
+    Readiness,
+    TokenClient,
+    TokenError,
+)
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
 from keyrelay.log_limit import LineLimiter
 from keyrelay.logs import LineWriter, json_line
@@ -174,7 +185,9 @@ class GatewayApp:
         self._token_client = token_client
         self.tokens: TokenClient | None = None
         self.metrics = metrics or GatewayMetrics()
+        # Every configured upstream: runtime keys may name any of them.
         upstreams = {r.upstream.name: r.upstream for r in config.routes.values()}
+        upstreams |= config.upstreams
         self.upstreams = Upstreams(upstreams)
         self.metrics.upstream_pools.watch(self.upstreams.stats)
         self.tracer = tracer
@@ -186,15 +199,23 @@ class GatewayApp:
             else self.upstreams.post
         )
         self._watch: asyncio.Task[None] | None = None
+        # Config keys and runtime keys; the follower (with [gateway.auth]) loads and
+        # follows the runtime ones.
+        self.keys = KeyBook(config)
+        self.key_follower: KeyFollower | None = None
+        self._follow: asyncio.Task[None] | None = None
         # Request ids need to be unique, not secret: a PRNG seeded from the OS
         # (a getrandom syscall per request otherwise).
         self._request_ids = random.Random()  # noqa: S311 -- unique ids, not secrets
         # The serving loop, set at startup: asyncio.create_task() and current_task()
         # look it up with a getpid syscall each on Python 3.11.
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The routes of the valid keys seen so far: SHA-256 once per key, not per request.
+        # The routes of the valid keys seen so far, with their expiry: SHA-256 once per
+        # key, not per request. Forgotten whenever the key book changes (its version),
+        # so a revoked or updated key is never served from here.
         # (The process holds upstream keys and tokens anyway; these are no more secret.)
-        self._known_keys: dict[str, Route] = {}
+        self._known_keys: dict[str, tuple[Route, float]] = {}
+        self._known_version = 0
         # The limits store, made at startup (its connections belong to the loop);
         # the finishes under way (referenced, so none is collected half-done).
         self.limits: LimitsStore | None = None
@@ -234,13 +255,17 @@ class GatewayApp:
         if self._token_client is not None:
             self.tokens = self._token_client()
             self.metrics.watch_token_cache(self.tokens)
+            self.key_follower = KeyFollower(self.keys, self.tokens, self.metrics)
+            self.tokens.listener = self.key_follower
+            self._follow = asyncio.create_task(self.key_follower.run())
             self._watch = asyncio.create_task(self.tokens.watch())
 
     async def shutdown(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._follow):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.upstreams.close()
         if self.tokens is not None:
             await self.tokens.close()
@@ -267,7 +292,7 @@ class GatewayApp:
         elif path == "/readyz":
             # README, "Readiness": an auth replica answers and takes the service token,
             # within READY_DEADLINE_SECONDS; the auth service's store may be down.
-            readiness = READY_WITHOUT_AUTH if self.tokens is None else await self.tokens.ready()
+            readiness = await self._readiness()
             self.metrics.readiness_checks.labels(readiness.result).inc()
             await _respond(send, 200 if readiness.ready else 503, readiness.body(), _JSON)
         elif path == "/metrics":
@@ -279,6 +304,25 @@ class GatewayApp:
             )
         else:
             await self._error(send, GatewayError(NOT_FOUND, f"no such endpoint: {method} {path}"))
+
+    async def _readiness(self) -> Readiness:
+        """README, "Readiness": also not ready until the runtime keys are loaded (a
+        worker that answers 401 to valid keys should not be given requests yet)."""
+        if self.tokens is None:
+            return READY_WITHOUT_AUTH
+        follower = self.key_follower
+        if follower is None:
+            return await self.tokens.ready()
+        readiness, loaded = await asyncio.gather(
+            self.tokens.ready(), follower.first_load(READY_DEADLINE_SECONDS)
+        )
+        result = "keys_loading" if readiness.ready and not loaded else readiness.result
+        return dataclasses.replace(
+            readiness,
+            result=result,
+            runtime_keys="loaded" if loaded else "loading",
+            runtime_key_count=len(self.keys),
+        )
 
     async def _error(
         self,
@@ -344,24 +388,33 @@ class GatewayApp:
 
     def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
         key = gateway_key(headers)
-        route = self._known_keys.get(key) if key else None
-        if route is not None:
-            return route
-        route = self.config.routes.get(key_hash(key)) if key else None
-        if route is not None and key:
-            # Valid keys only (an unknown key is hashed every time), and bounded.
-            if len(self._known_keys) >= _MAX_KNOWN_KEYS:
-                self._known_keys.clear()
-            self._known_keys[key] = route
-        if route is None:
+        if not key:
+            raise GatewayError(
+                UNKNOWN_KEY, "missing gateway key: send it as x-api-key or Authorization: Bearer"
+            )
+        book = self.keys
+        if self._known_version != book.version:  # a runtime key changed: forget them all
+            self._known_keys.clear()
+            self._known_version = book.version
+        known = self._known_keys.get(key)
+        if known is not None:
+            route, expires_at = known
+            if expires_at == NEVER or expires_at > time.time():
+                return route
+        # Raises for a runtime key that expired or that this gateway did not take.
+        found = book.lookup(key_hash(key), time.time())
+        if found is None:
             raise GatewayError(
                 UNKNOWN_KEY,
-                "invalid gateway key: this key is not in the gateway's [[keys]] (a typo, a "
-                "revoked key, or another gateway's); mint one with `keyrelay keys new`"
-                if key
-                else "missing gateway key: send it as x-api-key or Authorization: Bearer",
+                "invalid gateway key: this key is not in the gateway's [[keys]] nor among its "
+                "runtime keys (a typo, a revoked key, or another gateway's); ask for one "
+                "(`keyrelay keys new`)",
             )
-        return route
+        # Valid keys only (an unknown key is hashed every time), and bounded.
+        if len(self._known_keys) >= _MAX_KNOWN_KEYS:
+            self._known_keys.clear()
+        self._known_keys[key] = found
+        return found[0]
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
         limit = self.config.max_request_bytes

@@ -160,7 +160,7 @@ class GatewayMetrics:
         )
         self.readiness_checks = Counter(
             "keyrelay_gateway_readiness_checks",
-            "Answers of /readyz by result (ready, auth_unreachable, token_refused)",
+            "Answers of /readyz by result (ready, auth_unreachable, token_refused, keys_loading)",
             ["result"],
             registry=r,
         )
@@ -183,6 +183,25 @@ class GatewayMetrics:
             "keyrelay_gateway_limits_store_errors",
             "Limits store calls that failed (unreachable, timed out, refused), by operation",
             ["operation"],
+            registry=r,
+        )
+        self.runtime_keys = Gauge(
+            "keyrelay_gateway_runtime_keys",
+            "Keys created at runtime (on the auth service) this worker serves",
+            registry=r,
+        )
+        self.runtime_keys_refused = Counter(
+            "keyrelay_gateway_runtime_keys_refused",
+            "Runtime keys not taken, by reason (shadows_config, unknown_profile, "
+            "unknown_upstream, needs_api_key, no_account, bad_limits, no_limits_store), "
+            "each time one is loaded or changes",
+            ["reason"],
+            registry=r,
+        )
+        self.runtime_key_loads = Counter(
+            "keyrelay_gateway_runtime_key_loads",
+            "Full loads of the runtime keys (ListKeys), by result (ok, error)",
+            ["result"],
             registry=r,
         )
         # The front door's connection and rejection counts (``FrontDoorCounts``).
