@@ -14,6 +14,8 @@ Run from the repository root::
 
     .venv/bin/python bench/gateway_limits.py            # ~30 s
     .venv/bin/python bench/gateway_limits.py --quick    # smoke run
+    .venv/bin/python bench/gateway_limits.py --redis-py # + a row for the store of
+        # f556203 on redis-py's client, in a second gateway process (same config)
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from bench.gateway import (  # noqa: E402
     start_upstream,
     wait_serving,
 )
+from bench.limits_store import redis_py_store_module  # noqa: E402
+from keyrelay import cli  # noqa: E402
+from keyrelay.gateway.http import app  # noqa: E402
 from keyrelay.gateway.keys import new_key  # noqa: E402
 from keyrelay.gateway.limits_store import acl_rules  # noqa: E402
 from tests.support.redis_server import AclUser, RedisServer, free_port  # noqa: E402
@@ -71,8 +76,19 @@ LIMITS = {
 }
 
 
+def serve_with_redis_py_store(config: str) -> int:
+    """``keyrelay gateway serve`` whose limits store is f556203's (redis-py's client)."""
+    setattr(app, "LimitsStore", redis_py_store_module().LimitsStore)  # noqa: B010
+    return cli.main(["gateway", "serve", "--config", config])
+
+
 def start_limited_gateway(
-    stack: contextlib.ExitStack, tmp: Path, upstream_url: str, redis_url: str
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    upstream_url: str,
+    redis_url: str,
+    *,
+    redis_py: bool = False,
 ) -> tuple[Target, Target]:
     plain, limited = Route("plain", new_key()), Route("limited", new_key())
     port = free_port()
@@ -82,17 +98,19 @@ def start_limited_gateway(
     url_file.write_text(redis_url + "\n")
     url_file.chmod(0o600)
     data["gateway"]["limits"] = {"redis_url": {"file": str(url_file)}, "key_prefix": PREFIX}
-    config = tmp / "gateway.toml"
+    name = "gateway-redis-py" if redis_py else "gateway"
+    config = tmp / f"{name}.toml"
     config.write_bytes(tomli_w.dumps(data).encode())
     env = {**os.environ, API_KEY_ENV: "sk-bench-" + "0" * 32}
     argv = [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)]
-    gateway = _spawn(
-        stack, "gateway", argv, tmp / "gateway.log", stdout=subprocess.DEVNULL, env=env
-    )
+    if redis_py:
+        argv = [sys.executable, __file__, "--serve-redis-py", str(config)]
+    gateway = _spawn(stack, name, argv, tmp / f"{name}.log", stdout=subprocess.DEVNULL, env=env)
     url = wait_serving(gateway, port)
+    suffix = " (redis-py)" if redis_py else ""
     return (
-        Target("no limits", url, client_headers(plain.key), gateway),
-        Target("limited", url, client_headers(limited.key), gateway),
+        Target(f"no limits{suffix}", url, client_headers(plain.key), gateway),
+        Target(f"limited{suffix}", url, client_headers(limited.key), gateway),
     )
 
 
@@ -117,7 +135,7 @@ def print_rows(low: Sequence[Result], high: Sequence[Result]) -> None:
             rows,
         )
     )
-    (plain_1, limited_1), (plain_32, limited_32) = low, high
+    (plain_1, limited_1, *_), (plain_32, limited_32, *_) = low, high
     added = limited_1.p(50) - plain_1.p(50)
     print(
         f"\n{mark(added <= ADDED_P50_TARGET_MS)} limited: p50 added at c=1 "
@@ -147,7 +165,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     load = LoadGenerator(args.load_procs)
     stack.callback(load.stop)
     upstream, upstream_url = start_upstream(stack, tmp, 4096)
-    paths = start_limited_gateway(stack, tmp, upstream_url, redis.acl_url)
+    paths = list(start_limited_gateway(stack, tmp, upstream_url, redis.acl_url))
+    if args.redis_py:
+        paths += start_limited_gateway(stack, tmp, upstream_url, redis.acl_url, redis_py=True)[1:]
     gateway = paths[0].proxy
     assert gateway is not None
     bench = Bench(load, gateway, upstream, args)
@@ -171,7 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_window_args(parser, quick_help="smoke run: short windows")
     parser.add_argument("--load-procs", type=int, default=1, help="load-generator processes (1)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (3; --quick 1)")
+    parser.add_argument(
+        "--redis-py",
+        action="store_true",
+        help="also the limited route through f556203's store (redis-py's client)",
+    )
+    parser.add_argument("--serve-redis-py", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_redis_py:
+        return serve_with_redis_py_store(args.serve_redis_py)
     resolve_window_args(parser, args)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3

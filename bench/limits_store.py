@@ -4,15 +4,21 @@ considered for requests/min, side by side in one run.
 A Redis server is started on a free loopback port (``tests/support/redis_server.py``,
 AOF off: a production Redis does not fsync each write either). Printed:
 
-1. per-call latency p50/p99 and calls/s at c=1 and c=32 (one asyncio client, a
-   pool of 64 connections) of a bare PING, ``admit`` (key + account, every
-   limit set, always admitted), ``finish``, and ``admit`` of a key with only
-   requests/min under each algorithm: the fixed window (what the store does),
-   GCRA and a sliding log (both only here, as Lua scripts of the same shape);
+1. per-call latency p50/p99, calls/s and this process's CPU per call at c=1 and
+   c=32, on uvloop (the gateway's loop), of ``admit`` (key + account, every limit
+   set, always admitted) and ``admit + finish`` (what a limited request costs),
+   through the store's own client (``gateway/resp_client.py``) and, in the same
+   run, through the store of f556203 on redis-py's asyncio client (a pool of 64
+   connections; its source read with ``git show``); then a bare PING (redis-py)
+   and ``admit`` of a key with only requests/min under each algorithm: the fixed
+   window (what the store does), GCRA and a sliding log (both only here, as Lua
+   scripts of the same shape);
 2. what each algorithm admits, in virtual time, for a 60/min key: 300 requests
    at once; then 300 at 0.5 s before a minute's end and 300 at 0.5 s after it.
 
 Run: ``.venv/bin/python bench/limits_store.py`` (``--quick`` for a smoke run).
+CPU per call is ``time.process_time()`` over the calls: steadier than wall time
+on a shared machine (redis-server's own CPU is not in it).
 """
 
 from __future__ import annotations
@@ -21,22 +27,49 @@ import argparse
 import asyncio
 import contextlib
 import secrets
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as redis
+import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import fmt_ms, percentile, run_bench, table, temp_dir  # noqa: E402
+from keyrelay.gateway import limits_store  # noqa: E402
 from keyrelay.gateway.core.ratelimit import Budget, BudgetUnit, Limits, Period, Subject  # noqa: E402
 from keyrelay.gateway.core.usage import Usage  # noqa: E402
 from keyrelay.gateway.limits_store import LimitsStore  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+
+# The last store on redis-py's asyncio client, compared in the same run.
+REDIS_PY_COMMIT = "f556203"
+
+
+def redis_py_store_module() -> types.ModuleType:
+    """``gateway/limits_store.py`` as of REDIS_PY_COMMIT (redis-py's client), loaded
+    from git; it raises this tree's ``LimitsUnavailable`` (the gateway catches that)."""
+    path = "services/keyrelay/gateway/limits_store.py"
+    source = subprocess.run(
+        ["git", "show", f"{REDIS_PY_COMMIT}:{path}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType("keyrelay_limits_store_redis_py")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{REDIS_PY_COMMIT}:{path}", "exec"), module.__dict__)
+    module.LimitsUnavailable = limits_store.LimitsUnavailable  # type: ignore[attr-defined]
+    return module
+
 
 # KEYS: [1] the theoretical arrival time (TAT).  ARGV: [1] now (ms), [2] emission
 # interval (ms), [3] burst tolerance (ms). Returns {admitted, ms to wait}.
@@ -101,8 +134,9 @@ class Algorithms:
 
 async def latencies(
     call: Callable[[], Awaitable[object]], concurrency: int, calls: int
-) -> tuple[list[float], float]:
-    """Per-call seconds over ``calls`` calls made by ``concurrency`` tasks, and calls/s."""
+) -> tuple[list[float], float, float]:
+    """Per-call seconds over ``calls`` calls made by ``concurrency`` tasks, calls/s,
+    and this process's CPU seconds per call."""
     for _ in range(50):  # warm-up: connections, script cache
         await call()
     found: list[float] = []
@@ -113,35 +147,40 @@ async def latencies(
             await call()
             found.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(calls // concurrency) for _ in range(concurrency)))
-    return found, len(found) / (time.perf_counter() - started)
+    cpu = time.process_time() - cpu
+    return found, len(found) / (time.perf_counter() - started), cpu / len(found)
 
 
-async def measure_latency(url: str, calls: int) -> list[list[str]]:
-    store = LimitsStore.from_url(url, prefix="bench:", timeout=5.0)
-    client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, max_connections=64))
-    algorithms = Algorithms(client, store)
+def store_cases(name: str, store: Any) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+    """``admit`` and ``admit + finish`` of a key and its account, every limit set."""
     big = 10**9
     key = Subject(
         "key", "bench-key", Limits(big, big, 10**6, Budget(10**15, BudgetUnit.TOKENS, Period.MONTH))
     )
-    account = Subject("account", "bench-account", Limits(big, big, 10**6))
+    subjects = (key, Subject("account", "bench-account", Limits(big, big, 10**6)))
 
     async def admit() -> None:
-        await store.admit([key, account], time.time())
+        await store.admit(subjects, time.time())
 
-    async def finish() -> None:
-        admission = await store.admit([key, account], time.time())
+    async def admit_finish() -> None:
+        admission = await store.admit(subjects, time.time())
         assert admission.lease is not None
-        started = time.perf_counter()
         await store.finish(admission.lease, Usage(100, 50, 10, 5), 0.001, time.time())
-        finish_seconds.append(time.perf_counter() - started)
 
-    finish_seconds: list[float] = []
-    cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("PING", client.ping),
-        ("admit (key+account, all limits)", admit),
+    return [(f"admit: {name}", admit), (f"admit + finish: {name}", admit_finish)]
+
+
+async def measure_latency(url: str, calls: int) -> list[list[str]]:
+    store = LimitsStore.from_url(url, prefix="bench:", timeout=5.0)
+    old = redis_py_store_module().LimitsStore.from_url(url, prefix="bench:", timeout=5.0)
+    client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, max_connections=64))
+    algorithms = Algorithms(client, store)
+    cases = [
+        *store_cases("this store", store),
+        *store_cases(f"redis-py ({REDIS_PY_COMMIT})", old),
+        ("PING (redis-py)", client.ping),
     ]
     for name, algorithm in algorithms.all().items():
         cases.append((f"admit rpm only: {name}", _bind(algorithm)))
@@ -149,13 +188,10 @@ async def measure_latency(url: str, calls: int) -> list[list[str]]:
     try:
         for concurrency in (1, 32):
             for name, call in cases:
-                found, rate = await latencies(call, concurrency, calls)
-                rows.append(_row(name, concurrency, found, rate))
-            finish_seconds.clear()
-            await latencies(finish, concurrency, calls)
-            rows.append(_row("finish (after an admit)", concurrency, finish_seconds, float("nan")))
+                rows.append(_row(name, concurrency, *await latencies(call, concurrency, calls)))
     finally:
         await store.close()
+        await old.close()
         await client.aclose()
     return rows
 
@@ -165,13 +201,14 @@ def _bind(algorithm: Admit) -> Callable[[], Awaitable[bool]]:
     return lambda: algorithm(key, 10**9, time.time())
 
 
-def _row(name: str, concurrency: int, seconds: list[float], rate: float) -> list[str]:
+def _row(name: str, concurrency: int, seconds: list[float], rate: float, cpu: float) -> list[str]:
     return [
         name,
         str(concurrency),
         fmt_ms(percentile(seconds, 50) * 1000),
         fmt_ms(percentile(seconds, 99) * 1000),
-        "n/a" if rate != rate else f"{rate:,.0f}",  # NaN: not measured alone
+        f"{rate:,.0f}",
+        f"{cpu * 1e6:.0f}",
     ]
 
 
@@ -225,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             temp_dir(stack, "bench-limits-"), extra_args=("--appendonly", "no")
         ).start()
         stack.callback(server.stop)
-        rows = asyncio.run(measure_latency(server.url, calls))
-        print(f"per-call latency, {calls} calls per case, redis-server on loopback")
-        print(table(["call", "c", "p50 ms", "p99 ms", "calls/s"], rows))
+        rows = uvloop.run(measure_latency(server.url, calls))
+        print(f"per-call latency, {calls} calls per case, redis-server on loopback, uvloop")
+        print(table(["call", "c", "p50 ms", "p99 ms", "calls/s", "cpu us/call"], rows))
         print()
         print("admitted for a 60/min key (virtual time)")
         print(
@@ -238,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     "300+300 across a minute's end",
                     "300, then 5/s for the minute",
                 ],
-                asyncio.run(measure_admitted(server.url)),
+                uvloop.run(measure_admitted(server.url)),
             )
         )
 
