@@ -50,7 +50,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Final, cast
 
 from keyrelay.gateway.core.ratelimit import (
@@ -76,6 +76,7 @@ from keyrelay.gateway.resp_client import (
     bulk,
     encode,
 )
+from keyrelay.usage_layout import UsageRecord
 
 __all__ = [
     "ACL_COMMANDS",
@@ -237,26 +238,6 @@ class Admission:
     seconds: float
     round_trip: bool
 
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """The usage of one subject over one UTC day or month."""
-
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    tokens: int = 0
-    cost_micro_usd: int = 0
-    unpriced: int = 0
-
-    @property
-    def cost_usd(self) -> float:
-        return self.cost_micro_usd / 1_000_000
-
-
-_USAGE_FIELDS: Final = tuple(f.name for f in fields(UsageRecord))
 
 # (operation, outcome, seconds): "admit" allowed | limited | budget | error;
 # "finish" recorded | repeated | error. For metrics, wired by the gateway.
@@ -632,10 +613,7 @@ class LimitsStore:
             raise self._unavailable("usage", started, exc) from exc
         finally:
             await asyncio.gather(*sent, return_exceptions=True)  # none left unretrieved
-        return [
-            UsageRecord(*(int(reply.get(name.encode(), b"0")) for name in _USAGE_FIELDS))
-            for reply in replies
-        ]
+        return [UsageRecord.from_hash(reply) for reply in replies]
 
     async def subjects_on(self, day: str) -> list[tuple[str, str]]:
         """(kind, id) of every subject with usage recorded on ``day`` (``YYYY-MM-DD``)."""
