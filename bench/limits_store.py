@@ -44,9 +44,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.common import fmt_ms, percentile, run_bench, table, temp_dir  # noqa: E402
 from keyrelay.gateway import limits_store  # noqa: E402
-from keyrelay.gateway.core.ratelimit import Budget, BudgetUnit, Limits, Period, Subject  # noqa: E402
+from keyrelay.gateway.core.ratelimit import Subject  # noqa: E402
 from keyrelay.gateway.core.usage import Usage  # noqa: E402
 from keyrelay.gateway.limits_store import LimitsStore  # noqa: E402
+from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 # The last store on redis-py's asyncio client, compared in the same run.

@@ -30,9 +30,10 @@ import httpx
 import pytest
 
 from keyrelay.gateway.config import parse_gateway_config
-from keyrelay.gateway.core.ratelimit import Period, window
+from keyrelay.gateway.core.ratelimit import window
 from keyrelay.gateway.keys import key_hash, new_key
 from keyrelay.gateway.limits_store import LimitsStore, UsageRecord, acl_rules
+from keyrelay.limit_rules import Period
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import (
     GatewayProcess,

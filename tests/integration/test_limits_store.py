@@ -24,16 +24,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from keyrelay.gateway.core.ratelimit import (
-    Budget,
-    BudgetUnit,
-    Limits,
-    Period,
-    Subject,
-    counted_tokens,
-    micro_usd,
-    window,
-)
+from keyrelay.gateway.core.ratelimit import Subject, counted_tokens, micro_usd, window
 from keyrelay.gateway.core.usage import Usage
 from keyrelay.gateway.limits_store import (
     ACL_COMMANDS,
@@ -42,6 +33,7 @@ from keyrelay.gateway.limits_store import (
     UsageRecord,
     acl_rules,
 )
+from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period
 from tests.support.redis_server import AclUser, RedisServer
 from tests.support.tcp_proxy import ReplyDroppingProxy
 
@@ -104,7 +96,8 @@ async def day_usage(reader: LimitsStore, s: Subject, now: float = NOW) -> UsageR
 # One gateway worker: its own store and connections; 100 admits at once when told "go".
 WORKER = """
 import asyncio, json, sys
-from keyrelay.gateway.core.ratelimit import Limits, Subject
+from keyrelay.gateway.core.ratelimit import Subject
+from keyrelay.limit_rules import Limits
 from keyrelay.gateway.limits_store import LimitsStore
 
 url, prefix, key_id, now, count = sys.argv[1:6]

@@ -16,7 +16,7 @@ import hiredis
 import pytest
 import uvloop
 
-from keyrelay.gateway.core.ratelimit import Limits, Subject
+from keyrelay.gateway.core.ratelimit import Subject
 from keyrelay.gateway.core.usage import Usage
 from keyrelay.gateway.limits_store import LimitsStore, LimitsUnavailable
 from keyrelay.gateway.resp_client import (
@@ -27,6 +27,7 @@ from keyrelay.gateway.resp_client import (
     encode,
     parse_url,
 )
+from keyrelay.limit_rules import Limits
 from tests.support.certs import make_pki
 from tests.support.redis_server import AclUser, RedisServer
 

@@ -21,10 +21,11 @@ import redis.asyncio
 from keyrelay.auth.core import usage as usage_rules
 from keyrelay.auth.rpc.server import RunningServer
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
-from keyrelay.gateway.core.ratelimit import Limits, Subject
+from keyrelay.gateway.core.ratelimit import Subject
 from keyrelay.gateway.core.usage import Usage
 from keyrelay.gateway.keys import key_hash, new_key
 from keyrelay.gateway.limits_store import Lease, LimitsStore
+from keyrelay.limit_rules import Limits
 from keyrelay.usage_layout import UsageLayout
 from tests.conftest import rpc_code
 from tests.integration.test_cli_keys import keyrelay

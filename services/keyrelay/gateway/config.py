@@ -28,9 +28,10 @@ from keyrelay.configfile import (
     read_text_file,
     resolve_secret,
 )
-from keyrelay.gateway.core.ratelimit import Limits, LimitsError, Subject
+from keyrelay.gateway.core.ratelimit import Subject
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
+from keyrelay.limit_rules import Limits, LimitsError
 
 # gRPC keepalive to the auth service: the gateway pings every DEFAULT_KEEPALIVE_SECONDS;
 # the auth server permits that (auth.min_client_ping_interval_seconds, keyrelay.auth.config).

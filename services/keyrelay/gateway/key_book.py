@@ -36,7 +36,7 @@ from keyrelay.gateway.config import (
     key_subjects,
 )
 from keyrelay.gateway.core.errors import LIMITS_UNAVAILABLE, UNKNOWN_KEY, GatewayError
-from keyrelay.gateway.core.ratelimit import Limits, LimitsError
+from keyrelay.limit_rules import Limits, LimitsError
 
 __all__ = [
     "NEVER",

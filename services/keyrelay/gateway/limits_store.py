@@ -54,12 +54,10 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from keyrelay.gateway.core.ratelimit import (
-    BudgetUnit,
     Check,
     Counters,
     Decision,
     LimitKind,
-    Period,
     Subject,
     counted_tokens,
     decide,
@@ -76,6 +74,7 @@ from keyrelay.gateway.resp_client import (
     bulk,
     encode,
 )
+from keyrelay.limit_rules import BudgetUnit, Period
 from keyrelay.usage_layout import UsageRecord
 
 __all__ = [

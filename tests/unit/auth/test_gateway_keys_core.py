@@ -7,7 +7,6 @@ import pytest
 
 from keyrelay.auth.core.errors import InvalidArgument
 from keyrelay.auth.core.gateway_keys import (
-    MAX_LIMIT,
     Budget,
     KeyChanges,
     Limits,
@@ -16,13 +15,16 @@ from keyrelay.auth.core.gateway_keys import (
     validate_limits,
     validate_route,
 )
+from keyrelay.limit_rules import MAX_TOKENS_PER_MINUTE
 
 
 @pytest.mark.parametrize(
     "limits",
     [
         Limits(),
-        Limits(requests_per_minute=1, tokens_per_minute=MAX_LIMIT, concurrent_requests=3),
+        Limits(
+            requests_per_minute=1, tokens_per_minute=MAX_TOKENS_PER_MINUTE, concurrent_requests=3
+        ),
         Limits(budget=Budget(0.01, "usd", "month")),
         Limits(concurrent_requests=2, budget=Budget(5000.0, "tokens", "day")),
     ],

@@ -16,11 +16,11 @@ from grpc import aio
 from keyrelay.auth.v1 import auth_pb2
 from keyrelay.gateway.config import GatewayConfig, parse_gateway_config
 from keyrelay.gateway.core.errors import GatewayError
-from keyrelay.gateway.core.ratelimit import Budget, BudgetUnit, Limits, Period
 from keyrelay.gateway.http.metrics import GatewayMetrics
 from keyrelay.gateway.key_book import NEVER, KeyBook, Refusal, RuntimeKey, runtime_key
 from keyrelay.gateway.key_follower import KeyFollower, event_order
 from keyrelay.gateway.keys import key_hash
+from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period
 
 CONFIG_KEY = "kr-config-key-0123456789"
 NOW = 1_750_000_000.0

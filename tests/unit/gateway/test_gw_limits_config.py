@@ -11,7 +11,7 @@ import tomli_w
 
 from keyrelay.configfile import ConfigError
 from keyrelay.gateway.config import load_gateway_config, parse_gateway_config
-from keyrelay.gateway.core.ratelimit import Budget, BudgetUnit, Limits, Period
+from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period
 
 HASH = "sha256:" + "ab" * 32
 URL = "redis://gateway:s3cret@127.0.0.1:6379/0"

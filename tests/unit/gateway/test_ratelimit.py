@@ -16,16 +16,8 @@ from keyrelay.gateway.core.ratelimit import (
     HEADER_LIMIT,
     HEADER_REMAINING,
     HEADER_RESET,
-    MAX_BUDGET_USD,
-    MAX_CONCURRENT_REQUESTS,
-    MAX_REQUESTS_PER_MINUTE,
-    Budget,
-    BudgetUnit,
     Counters,
     LimitKind,
-    Limits,
-    LimitsError,
-    Period,
     Subject,
     counted_tokens,
     decide,
@@ -35,6 +27,16 @@ from keyrelay.gateway.core.ratelimit import (
     window,
 )
 from keyrelay.gateway.core.usage import Usage
+from keyrelay.limit_rules import (
+    MAX_BUDGET_USD,
+    MAX_CONCURRENT_REQUESTS,
+    MAX_REQUESTS_PER_MINUTE,
+    Budget,
+    BudgetUnit,
+    Limits,
+    LimitsError,
+    Period,
+)
 
 T = calendar.timegm((2025, 3, 14, 15, 9, 26))  # a Friday afternoon, UTC
 LAST_EPOCH = calendar.timegm((9999, 11, 30, 0, 0, 0))  # datetime's range, a month to spare

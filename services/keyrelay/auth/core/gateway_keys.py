@@ -8,11 +8,8 @@ spells it) and what it accepts. The rules:
 - ``route.mode``: ``oauth`` (the default), ``api_key`` or ``auto``.
 - ``route.profile``/``route.upstream``: 1-64 letters, digits and ``._-``; default
   ``default``. Whether the gateway config defines them is the gateway's to check.
-- limits: unset means "no limit"; a set one is a whole number from 1 to
-  ``MAX_LIMIT`` (concurrent requests: ``MAX_CONCURRENT``, as the gateway's limiter
-  takes them). Zero is refused, not read as "blocked" (revoke the key instead).
-- budget: ``amount`` more than 0 and at most ``MAX_LIMIT`` (a whole number for
-  ``tokens``), ``unit`` ``usd`` or ``tokens``, ``period`` ``day`` or ``month``.
+- limits: ``keyrelay.limit_rules``, the rules the gateways enforce them by (unset:
+  no limit; zero refused: leave it unset, or revoke the key to stop it).
 - ``expires_at``: 0 (never) or a Unix time in the future, at most ``MAX_EXPIRES_AT``.
 """
 
@@ -24,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyrelay import limit_rules as rules
 from keyrelay.auth.core.errors import InvalidArgument
 from keyrelay.auth.core.ids import validate_account_id
 
@@ -31,17 +29,8 @@ MODES: Final = ("oauth", "api_key", "auto")
 DEFAULT_MODE: Final = "oauth"
 DEFAULT_PROFILE: Final = "default"
 DEFAULT_UPSTREAM: Final = "default"
-BUDGET_UNITS: Final = ("usd", "tokens")
-BUDGET_PERIODS: Final = ("day", "month")
-MAX_LIMIT: Final = 1_000_000_000
-MAX_CONCURRENT: Final = 1_000_000
+LIMIT_FIELDS: Final = ("requests_per_minute", "tokens_per_minute", "concurrent_requests")
 MAX_EXPIRES_AT: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
-LIMIT_MAXIMA: Final = {
-    "requests_per_minute": MAX_LIMIT,
-    "tokens_per_minute": MAX_LIMIT,
-    "concurrent_requests": MAX_CONCURRENT,
-}
-LIMIT_FIELDS: Final = tuple(LIMIT_MAXIMA)
 
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -172,42 +161,23 @@ def validate_route(route: Route) -> Route:
     return Route(route.account_id, mode, profile, upstream)
 
 
-def _check_limit(field_name: str, value: int, maximum: int) -> None:
-    if value < 1:
-        raise InvalidArgument(
-            f"limits.{field_name} must be at least 1 (got {value}); leave it unset for "
-            "no limit, or revoke the key to stop it"
-        )
-    if value > maximum:
-        raise InvalidArgument(f"limits.{field_name} must be at most {maximum} (got {value})")
-
-
 def validate_limits(limits: Limits) -> Limits:
-    for field_name, maximum in LIMIT_MAXIMA.items():
-        value = getattr(limits, field_name)
-        if value is not None:
-            _check_limit(field_name, value, maximum)
-    budget = limits.budget
-    if budget is not None:
-        if budget.unit not in BUDGET_UNITS:
-            raise InvalidArgument(
-                f"limits.budget.unit must be one of {', '.join(BUDGET_UNITS)} "
-                f"(got {budget.unit[:32]!r})"
-            )
-        if budget.period not in BUDGET_PERIODS:
-            raise InvalidArgument(
-                f"limits.budget.period must be one of {', '.join(BUDGET_PERIODS)} "
-                f"(got {budget.period[:32]!r})"
-            )
-        amount = budget.amount
-        if not math.isfinite(amount) or not 0 < amount <= MAX_LIMIT:
-            raise InvalidArgument(
-                f"limits.budget.amount must be more than 0 and at most {MAX_LIMIT} (got {amount})"
-            )
-        if budget.unit == "tokens" and not amount.is_integer():
-            raise InvalidArgument(
-                f"limits.budget.amount must be a whole number of tokens (got {amount})"
-            )
+    """The gateway's rules (``keyrelay.limit_rules``), so the auth service never
+    accepts limits a gateway would refuse to enforce; zero is refused there too
+    (leave a limit unset for none, or revoke the key to stop it)."""
+    data: dict[str, object] = {
+        name: getattr(limits, name) for name in LIMIT_FIELDS if getattr(limits, name) is not None
+    }
+    if limits.budget is not None:
+        budget = limits.budget
+        amount: object = budget.amount
+        if budget.unit == "tokens" and math.isfinite(budget.amount) and budget.amount.is_integer():
+            amount = int(budget.amount)  # a whole number of tokens, as the proto's double
+        data["budget"] = {"amount": amount, "unit": budget.unit, "period": budget.period}
+    try:
+        rules.Limits.from_dict(data, where="limits")
+    except rules.LimitsError as exc:
+        raise InvalidArgument(str(exc)) from None
     return limits
 
 

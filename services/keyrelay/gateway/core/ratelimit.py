@@ -11,8 +11,9 @@ The shared counters live in Redis (``keyrelay.gateway.limits_store``); this
 module holds everything that is decided *about* them, so the Lua scripts only
 compare and count:
 
-- ``Limits.from_dict``: the validated limits from what TOML or an admin RPC
-  gives (a plain dict), with errors that name the field and the allowed range.
+- ``Limits.from_dict`` (in ``keyrelay.limit_rules``, shared with the auth
+  service): the validated limits from what TOML or an admin RPC gives (a plain
+  dict), with errors that name the field and the allowed range.
 - ``window``: the UTC minute, day or month around ``now`` (start, end, and the
   label used in counter key names); ``retry_after``: whole seconds, at least 1.
 - ``decide``: from the counter values the admit script read (one ``Counters``
@@ -42,35 +43,25 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
 from keyrelay.gateway.core.usage import Usage
+from keyrelay.limit_rules import MICRO_USD, BudgetUnit, Limits, Period
 
 __all__ = [
     "CONCURRENCY_RETRY_SECONDS",
     "HEADER_LIMIT",
     "HEADER_REMAINING",
     "HEADER_RESET",
-    "MAX_BUDGET_TOKENS",
-    "MAX_BUDGET_USD",
-    "MAX_CONCURRENT_REQUESTS",
-    "MAX_REQUESTS_PER_MINUTE",
-    "MAX_TOKENS_PER_MINUTE",
-    "Budget",
-    "BudgetUnit",
     "Check",
     "Counters",
     "Decision",
     "LimitKind",
-    "Limits",
-    "LimitsError",
-    "Period",
     "Subject",
     "Window",
     "counted_tokens",
@@ -81,15 +72,6 @@ __all__ = [
     "window",
 ]
 
-# The largest limits accepted. Beyond them a value is a typo, not a policy, and
-# every counter must stay exact in Lua (numbers are doubles: integers are exact
-# up to 2**53 ~ 9.007e15; USD are counted in micro-dollars).
-MAX_REQUESTS_PER_MINUTE: Final = 10**9
-MAX_TOKENS_PER_MINUTE: Final = 10**12
-MAX_CONCURRENT_REQUESTS: Final = 10**6
-MAX_BUDGET_USD: Final = 10**9
-MAX_BUDGET_TOKENS: Final = 10**15
-
 # A request refused for concurrency has no window to wait for: a lease frees
 # when any request in flight ends, so the client is told to retry this soon.
 CONCURRENCY_RETRY_SECONDS: Final = 1
@@ -98,27 +80,8 @@ HEADER_LIMIT: Final = "x-keyrelay-ratelimit-limit"
 HEADER_REMAINING: Final = "x-keyrelay-ratelimit-remaining"
 HEADER_RESET: Final = "x-keyrelay-ratelimit-reset"
 
-_MICRO: Final = 1_000_000
 _DAY: Final = 86_400
 _EPOCH: Final = dt.date(1970, 1, 1)
-
-
-_E = TypeVar("_E", bound=StrEnum)
-
-
-class LimitsError(ValueError):
-    """Limits that cannot be enforced: the message names the field and what is allowed."""
-
-
-class Period(StrEnum):
-    MINUTE = "minute"
-    DAY = "day"
-    MONTH = "month"
-
-
-class BudgetUnit(StrEnum):
-    USD = "usd"
-    TOKENS = "tokens"
 
 
 class LimitKind(StrEnum):
@@ -126,169 +89,6 @@ class LimitKind(StrEnum):
     TOKENS = "tokens"
     CONCURRENT = "concurrent"
     BUDGET = "budget"
-
-
-# -- limits and their validation -------------------------------------------------------
-
-
-def _did_you_mean(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_keys(data: Mapping[str, object], known: Sequence[str], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise LimitsError(f"{where} must be a table of limits, got {type(data).__name__}")
-    for name in data:
-        if not isinstance(name, str) or name not in known:
-            raise LimitsError(
-                f"{where}: unknown limit {name!r}{_did_you_mean(str(name), known)}; "
-                f"known: {', '.join(known)}"
-            )
-
-
-def _count(value: object, where: str, maximum: int) -> int:
-    """A positive integer up to ``maximum`` (a bool is not an integer here)."""
-    if type(value) is not int:
-        raise LimitsError(f"{where} must be an integer, got {_shown(value)}")
-    if value <= 0:
-        raise LimitsError(f"{where} must be at least 1, got {value} (leave it out for no limit)")
-    if value > maximum:
-        raise LimitsError(f"{where} must be at most {maximum:,}, got {value:,}")
-    return value
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}"
-
-
-def _choice(value: object, where: str, enum: type[_E]) -> _E:
-    names = [member.value for member in enum]
-    if not isinstance(value, str):
-        raise LimitsError(f"{where} must be one of {', '.join(names)}, got {_shown(value)}")
-    try:
-        return enum(value)
-    except ValueError:
-        raise LimitsError(
-            f"{where} must be one of {', '.join(names)}, got {value!r}{_did_you_mean(value, names)}"
-        ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """``amount`` in the budget's counter unit: micro-dollars (USD) or tokens."""
-
-    amount: int
-    unit: BudgetUnit
-    period: Period
-
-    def __post_init__(self) -> None:
-        if self.period is Period.MINUTE:
-            raise LimitsError("a budget's period is day or month")
-        maximum = MAX_BUDGET_USD * _MICRO if self.unit is BudgetUnit.USD else MAX_BUDGET_TOKENS
-        if type(self.amount) is not int or not 0 < self.amount <= maximum:
-            raise LimitsError(f"budget amount must be in 1..{maximum:,} {self.counter_unit}")
-
-    @property
-    def counter_unit(self) -> str:
-        return "micro-dollars" if self.unit is BudgetUnit.USD else "tokens"
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, where: str = "budget") -> Budget:
-        _check_keys(data, ("amount", "unit", "period"), where)
-        for name in ("amount", "unit", "period"):
-            if data.get(name) is None:
-                raise LimitsError(f"{where}.{name} is required")
-        unit = _choice(data["unit"], f"{where}.unit", BudgetUnit)
-        period = _choice(data["period"], f"{where}.period", Period)
-        if period is Period.MINUTE:
-            raise LimitsError(
-                f"{where}.period must be day or month, got 'minute' "
-                "(per minute: use tokens_per_minute)"
-            )
-        amount = data["amount"]
-        if unit is BudgetUnit.TOKENS:
-            return cls(_count(amount, f"{where}.amount", MAX_BUDGET_TOKENS), unit, period)
-        return cls(_usd(amount, f"{where}.amount"), unit, period)
-
-    def shown(self, units: int) -> str:
-        """A counter value in this budget's unit, for people: ``$12.50``, ``1,000 tokens``."""
-        if self.unit is BudgetUnit.USD:
-            return f"${units / _MICRO:,.2f}"
-        return f"{units:,} tokens"
-
-
-def _usd(value: object, where: str) -> int:
-    """A positive USD amount (int or float) up to MAX_BUDGET_USD, as micro-dollars."""
-    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise LimitsError(f"{where} must be a number of US dollars, got {_shown(value)}")
-    try:
-        micro = int((Decimal(repr(value)) * _MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
-    except InvalidOperation:  # pragma: no cover - finite numbers always convert
-        raise LimitsError(f"{where} must be a number of US dollars, got {value!r}") from None
-    if micro <= 0:
-        raise LimitsError(
-            f"{where} must be more than 0 US dollars (at least 0.000001), got {value!r} "
-            "(leave the budget out for none)"
-        )
-    if micro > MAX_BUDGET_USD * _MICRO:
-        raise LimitsError(f"{where} must be at most {MAX_BUDGET_USD:,} US dollars, got {value!r}")
-    return micro
-
-
-_LIMIT_NAMES: Final = ("requests_per_minute", "tokens_per_minute", "concurrent_requests", "budget")
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The limits of one subject; ``None``: no limit of that kind."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent_requests: int | None = None
-    budget: Budget | None = None
-
-    def __post_init__(self) -> None:
-        for name, maximum in (
-            ("requests_per_minute", MAX_REQUESTS_PER_MINUTE),
-            ("tokens_per_minute", MAX_TOKENS_PER_MINUTE),
-            ("concurrent_requests", MAX_CONCURRENT_REQUESTS),
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                _count(value, name, maximum)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, where: str = "limits") -> Limits:
-        """Limits from a plain dict (TOML table, admin RPC). A missing or ``None``
-        value is no limit; anything else must be valid. Raises ``LimitsError``."""
-        _check_keys(data, _LIMIT_NAMES, where)
-
-        def count(name: str, maximum: int) -> int | None:
-            value = data.get(name)
-            return None if value is None else _count(value, f"{where}.{name}", maximum)
-
-        budget = data.get("budget")
-        if budget is not None and not isinstance(budget, Mapping):
-            raise LimitsError(
-                f"{where}.budget must be a table (amount, unit, period), got {_shown(budget)}"
-            )
-        return cls(
-            requests_per_minute=count("requests_per_minute", MAX_REQUESTS_PER_MINUTE),
-            tokens_per_minute=count("tokens_per_minute", MAX_TOKENS_PER_MINUTE),
-            concurrent_requests=count("concurrent_requests", MAX_CONCURRENT_REQUESTS),
-            budget=None if budget is None else Budget.from_dict(budget, where=f"{where}.budget"),
-        )
-
-    @property
-    def unlimited(self) -> bool:
-        return (
-            self.requests_per_minute is None
-            and self.tokens_per_minute is None
-            and self.concurrent_requests is None
-            and self.budget is None
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +172,7 @@ def micro_usd(cost: float | None) -> int:
     """A cost in USD as whole micro-dollars (half to even); ``None`` (unpriced) is 0."""
     if cost is None or not math.isfinite(cost) or cost <= 0:
         return 0
-    return int((Decimal(repr(cost)) * _MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
+    return int((Decimal(repr(cost)) * MICRO_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 # -- decisions ---------------------------------------------------------------------------
@@ -419,7 +219,7 @@ class Check:
     def shown(self, units: int) -> str:
         budget = self.subject.limits.budget
         if self.kind is LimitKind.BUDGET and budget is not None and budget.unit is BudgetUnit.USD:
-            dollars = f"{Decimal(units) / _MICRO:f}"
+            dollars = f"{Decimal(units) / MICRO_USD:f}"
             return dollars.rstrip("0").rstrip(".") if "." in dollars else dollars
         return str(units)
 
