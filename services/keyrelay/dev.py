@@ -414,6 +414,9 @@ def banner(stack: DevStack, auth: AuthConfig) -> str:
         + connect
         + f"  ANTHROPIC_BASE_URL=http://127.0.0.1:{stack.gateway_port} "
         f"ANTHROPIC_API_KEY=$(cat {secrets_dir / 'gateway_key'}) your-client\n"
+        "Another key, live at once (limits: --rpm, --tpm, --budget; `keys list`, `keys revoke`):\n"
+        f"  {keyrelay} keys new --account {stack.account} --name second"
+        f" --auth 127.0.0.1:{stack.auth_port}\n"
         "Ctrl-C stops everything.\n"
     )
 

@@ -245,6 +245,34 @@ def test_dev_serves_a_second_key_from_routes_toml_and_its_banner_runs_as_printed
         # It was admitted against its limit first (the dev key has none).
         assert response.headers["x-keyrelay-ratelimit-limit"] == "100"
         assert response.headers["x-keyrelay-ratelimit-remaining"] == "99"
+        # A runtime key, made by the printed command as printed, is live on the
+        # running gateway at once: no restart, no file.
+        keys_line = next(line for line in printed.splitlines() if " keys new " in line)
+        admin_token = (state / "secrets" / "admin_token").read_text().strip()
+        made = subprocess.run(
+            keys_line.split(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "KEYRELAY_ADMIN_TOKEN": admin_token},
+        )
+        assert made.returncode == 0, made.stderr
+        runtime_key = next(w for w in made.stdout.split() if w.startswith("kr-"))
+        deadline = time.monotonic() + 5
+        while True:
+            response = httpx.post(
+                f"http://127.0.0.1:{gateway_port}/v1/messages",
+                json={"model": "m", "max_tokens": 1, "messages": []},
+                headers={"x-api-key": runtime_key},
+                timeout=10,
+            )
+            if response.status_code != 401 or time.monotonic() > deadline:
+                break
+            if "keyrelay connect devacct" in response.text:
+                break  # known: routed to the dev account, which is not connected here
+            time.sleep(0.05)
+        assert "keyrelay connect devacct" in response.json()["error"]["message"]
     finally:
         assert stop(process) == 0
 
