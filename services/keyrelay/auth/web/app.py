@@ -18,6 +18,9 @@ handlers only translate (forms and query strings in, HTML out) and delegate.
 ``/disconnect``  POST   Disconnect
 ``/usage``       GET    the keys' usage of the last 30 days as an SVG chart
                         (``?metric=cost`` (default) or ``tokens``)
+``/keys``        GET    the live gateway keys: route, limits, expiry, this month's usage
+``/keys``        POST   CreateKey from the form; the answer is the one page showing the key
+``/keys/revoke`` GET    the confirmation page of ``?key_id=``; POST: RevokeKey
 ===============  =====  ==========================================================
 
 Security: the session cookie is a random id (HttpOnly, SameSite=Strict, Secure
@@ -25,7 +28,9 @@ when ``public_url`` is https; see ``sessions.py`` for what Redis keeps); every
 POST carries the session's CSRF token (the login form a pre-session one in a
 cookie of its own); pages are sent with a CSP that allows no script at all, and
 ``Referrer-Policy: no-referrer`` so the callback's address (it carries the
-code) never leaves in a Referer. The access log has the path only, never a
+code) never leaves in a Referer. Every answer is ``Cache-Control: no-store``:
+a new gateway key is only ever in the body of the create POST's answer (never
+in a redirect, a cookie, the session or a log line). The access log has the path only, never a
 query string. ``/callback`` needs no session: the OAuth ``state`` is the
 credential there, and it only exists for a flow an admin started here.
 """
@@ -62,6 +67,13 @@ from keyrelay.auth.core.errors import (
 )
 from keyrelay.auth.rpc.interceptors import CallerAuthenticator
 from keyrelay.auth.service import AuthService
+from keyrelay.auth.web.keys_page import (
+    FORM_FIELDS,
+    key_created_page,
+    keys_page,
+    parse_key_form,
+    revoke_page,
+)
 from keyrelay.auth.web.pages import (
     Flash,
     Html,
@@ -74,6 +86,7 @@ from keyrelay.auth.web.pages import (
 )
 from keyrelay.auth.web.sessions import PendingFlow, Session, SessionStore, caller_fingerprint
 from keyrelay.configfile import host_port
+from keyrelay.usage_layout import UsageRecord
 
 log = logging.getLogger("keyrelay.auth.web")
 access_log = logging.getLogger("keyrelay.auth.web.access")
@@ -185,6 +198,10 @@ class WebApp:
         app.router.add_post("/cancel", self.cancel)
         app.router.add_post("/disconnect", self.disconnect)
         app.router.add_get("/usage", self.usage)
+        app.router.add_get("/keys", self.keys)
+        app.router.add_post("/keys", self.create_key)
+        app.router.add_get("/keys/revoke", self.revoke_confirm)
+        app.router.add_post("/keys/revoke", self.revoke_key)
         return app
 
     # -- plumbing -----------------------------------------------------------
@@ -242,6 +259,20 @@ class WebApp:
             return None
         return session
 
+    async def _viewer(self, request: web.Request) -> Session:
+        """The session of a page's GET, or off to the login form."""
+        session = await self._session(request)
+        if session is None:
+            raise web.HTTPSeeOther("/login")
+        return session
+
+    async def _take_flashes(self, session: Session) -> tuple[Session, list[Flash]]:
+        """The session as stored now, and its flashes (shown once: dropped)."""
+        session = await self._sessions.reload(session.key) or session
+        flashes = [flash for _, flash in session.flashes]
+        await self._sessions.drop_flashes(session)
+        return session, flashes
+
     async def _post(self, request: web.Request) -> tuple[Session, MultiDictProxy[Any]]:
         """A state-changing request: a live session and its CSRF token, or no further."""
         session = await self._session(request)
@@ -264,7 +295,7 @@ class WebApp:
         provider: str = "",
     ) -> web.Response:
         records = await self._service.list_accounts()
-        session = await self._sessions.reload(session.key) or session
+        session, flashes = await self._take_flashes(session)
         now = time.time()
         pending = []
         for flow in session.pending:
@@ -272,10 +303,8 @@ class WebApp:
                 await self._sessions.remove_pending(session.key, flow.handle)
             else:
                 pending.append(flow.view())
-        flashes = [flash for _, flash in session.flashes]
         if error is not None:
             flashes.append(Flash("error", error))
-        await self._sessions.drop_flashes(session)
         body = accounts_page(
             records=records,
             pending=pending,
@@ -288,9 +317,9 @@ class WebApp:
         )
         return html_response(body, status)
 
-    async def _done(self, session_key: str, text: str) -> web.Response:
+    async def _done(self, session_key: str, text: str, to: str = "/") -> web.Response:
         await self._sessions.add_flash(session_key, Flash("ok", text))
-        raise web.HTTPSeeOther("/")
+        raise web.HTTPSeeOther(to)
 
     # -- probes -------------------------------------------------------------
 
@@ -368,15 +397,10 @@ class WebApp:
     # -- the page -----------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.Response:
-        session = await self._session(request)
-        if session is None:
-            raise web.HTTPSeeOther("/login")
-        return await self._accounts(session)
+        return await self._accounts(await self._viewer(request))
 
     async def usage(self, request: web.Request) -> web.Response:
-        session = await self._session(request)
-        if session is None:
-            raise web.HTTPSeeOther("/login")
+        session = await self._viewer(request)
         metric: Literal["cost", "tokens"] = (
             "tokens" if request.query.get("metric") == "tokens" else "cost"
         )
@@ -502,6 +526,83 @@ class WebApp:
         except AuthError as exc:
             return await self._accounts(session, status=http_status(exc), error=str(exc))
         return await self._done(session.key, f"Disconnected {record.account_id}.")
+
+    # -- gateway keys -------------------------------------------------------
+
+    async def _month_usage(self, now: float) -> dict[str, UsageRecord] | None:
+        """This UTC month's usage per key hash, in one GetUsage of the month's days
+        (bounded by GetUsage's row limit: None when the month holds more)."""
+        days = time.gmtime(now).tm_mday
+        try:
+            report = await self._service.get_usage(days=days)
+        except InvalidArgument:  # more rows than one answer carries
+            log.warning("the keys page shows no usage: too many usage records this month")
+            return None
+        totals: dict[str, UsageRecord] = {}
+        for row in report.rows:
+            if row.kind == "key":
+                totals[row.id] = totals.get(row.id, UsageRecord()) + row.usage
+        return totals
+
+    async def _keys(
+        self,
+        session: Session,
+        *,
+        status: int = 200,
+        values: Mapping[str, str] | None = None,
+        error: str | None = None,
+    ) -> web.Response:
+        now = time.time()
+        records, _ = await self._service.list_keys()
+        usage = await self._month_usage(now)
+        session, flashes = await self._take_flashes(session)
+        body = keys_page(
+            records=records,
+            usage=usage,
+            month=time.strftime("%Y-%m", time.gmtime(now)),
+            csrf=session.csrf,
+            flashes=flashes,
+            values=values,
+            error=error,
+            now=now,
+        )
+        return html_response(body, status)
+
+    async def keys(self, request: web.Request) -> web.Response:
+        return await self._keys(await self._viewer(request))
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        values = {name: _field(form, name) for name in FORM_FIELDS}
+        try:
+            wanted = parse_key_form(values, time.time())
+            created = await self._service.create_key(
+                wanted.name, wanted.route, wanted.limits, wanted.expires_at
+            )
+        except AuthError as exc:
+            return await self._keys(session, status=http_status(exc), values=values, error=str(exc))
+        # The only time the key exists outside the caller: this answer's body (no-store).
+        return html_response(key_created_page(created.key, created.secret, csrf=session.csrf))
+
+    async def revoke_confirm(self, request: web.Request) -> web.Response:
+        session = await self._viewer(request)
+        record = await self._service.get_key(request.query.get("key_id", ""))
+        if record.revoked:
+            raise PageError(400, "Already revoked", f"Gateway key {record.key_id} is revoked.")
+        return html_response(revoke_page(record, csrf=session.csrf))
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        session, form = await self._post(request)
+        version = _field(form, "version")
+        try:
+            record = await self._service.revoke_key(
+                _field(form, "key_id"), int(version) if version.isdigit() else 0
+            )
+        except AuthError as exc:
+            return await self._keys(session, status=http_status(exc), error=str(exc))
+        return await self._done(
+            session.key, f"Revoked gateway key {record.name} ({record.key_id}).", "/keys"
+        )
 
 
 _CSRF_FAILED = (

@@ -29,11 +29,15 @@ __all__ = [
     "accounts_page",
     "callback_done_page",
     "esc",
+    "flash_list",
+    "join",
     "login_page",
     "message_page",
+    "page",
     "render",
     "usage_chart",
     "usage_page",
+    "when",
 ]
 
 
@@ -133,14 +137,14 @@ def page(title: str, body: Html, *, csrf: str | None = None, refresh_to: str | N
     return render(_PAGE, title=title, css=Html(_CSS), body=body, logout=logout, refresh=refresh)
 
 
-def _flashes(flashes: Sequence[Flash]) -> Html:
+def flash_list(flashes: Sequence[Flash]) -> Html:
     return join(
         render('<div class="flash $kind" role="status">$text</div>', kind=f.kind, text=f.text)
         for f in flashes
     )
 
 
-def _when(ts: float, now: float) -> Html:
+def when(ts: float, now: float) -> Html:
     if not ts:
         return Html("&ndash;")
     stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
@@ -167,7 +171,7 @@ def login_page(login_csrf: str, *, error: str | None = None) -> Html:
 <label>Admin token <input type="password" name="token" autocomplete="off" required
  autofocus size="40"></label>
 <button type="submit">Log in</button></form></section>""",
-        flashes=_flashes(flashes),
+        flashes=flash_list(flashes),
         csrf=login_csrf,
     )
     return page("Log in", body)
@@ -197,7 +201,7 @@ def _account_row(record: AccountRecord, csrf: str, now: float) -> Html:
         status=status,
         provider=record.provider,
         scopes=" ".join(record.scopes) or _NONE,
-        expires=_when(record.expires_at if record.connected else 0, now),
+        expires=when(record.expires_at if record.connected else 0, now),
         generation=record.generation,
         note=note or _NONE,
         action=action,
@@ -246,7 +250,7 @@ def _pending_table(pending: Sequence[PendingView], csrf: str, now: float) -> Htm
                 '<button class="secondary" type="submit">Cancel</button></form></td></tr>',
                 account=flow.account_id,
                 provider=flow.provider,
-                expires=_when(flow.expires_at, now),
+                expires=when(flow.expires_at, now),
                 url=flow.authorize_url,
                 hint=hint,
                 csrf=csrf,
@@ -308,8 +312,8 @@ def accounts_page(
     body = render(
         "$flashes<section><h2>Connect an account</h2>$connect</section>$pending"
         "<section><h2>Accounts</h2>$accounts</section>"
-        '<p><a href="/usage">Usage, last 30 days</a></p>',
-        flashes=_flashes(flashes),
+        '<p><a href="/keys">Gateway keys</a> · <a href="/usage">Usage, last 30 days</a></p>',
+        flashes=flash_list(flashes),
         connect=_connect_form(providers, csrf, account_id, provider),
         pending=_pending_table(pending, csrf, now),
         accounts=_accounts_table(records, csrf, now),
@@ -321,7 +325,7 @@ def message_page(title: str, text: str, *, kind: FlashKind = "error") -> Html:
     """A page with one message and the way back (errors outside the account list)."""
     body = render(
         '$flash<p><a href="/">Back to the accounts</a></p>',
-        flash=_flashes([Flash(kind, text)]),
+        flash=flash_list([Flash(kind, text)]),
     )
     return page(title, body)
 
@@ -335,7 +339,7 @@ def callback_done_page(text: str) -> Html:
     """
     body = render(
         '$flash<p><a href="/">Continue to the accounts</a></p>',
-        flash=_flashes([Flash("ok", text)]),
+        flash=flash_list([Flash("ok", text)]),
     )
     return page("Connected", body, refresh_to="/")
 
@@ -417,7 +421,8 @@ def usage_page(days: Sequence[UsageDay], metric: Literal["cost", "tokens"], *, c
     )
     other = "tokens" if metric == "cost" else "cost"
     body = render(
-        """<p><a href="/">&larr; Accounts</a></p><section><h2>Usage, last $count days (UTC)</h2>
+        """<p><a href="/">&larr; Accounts</a> · <a href="/keys">Gateway keys</a></p>
+<section><h2>Usage, last $count days (UTC)</h2>
 <p class="muted">Recorded by the gateways for keys and accounts with limits.
 Showing $metric; <a href="/usage?metric=$other">show $other</a>.
 <code>keyrelay usage</code> has it per key and account.</p>

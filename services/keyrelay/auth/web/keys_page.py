@@ -1,0 +1,309 @@
+"""The web page's gateway keys (issue 11): the list, the create form, the key shown once,
+the revoke confirmation. Pure functions, no I/O, escaping as in ``pages``.
+
+:func:`parse_key_form` turns the create form into what ``AuthService.create_key``
+takes; what it cannot read (a limit that is not a whole number, say) is an
+``InvalidArgument`` naming the field the way the service names it, so the page
+shows every refusal the same way: a message above the form, the field marked,
+the values kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from keyrelay.auth.core.errors import InvalidArgument
+from keyrelay.auth.core.gateway_keys import LIMIT_FIELDS, Budget, KeyRecord, Limits, Route
+from keyrelay.auth.web.pages import Flash, Html, flash_list, join, page, render, when
+from keyrelay.limit_rules import BUDGET_PERIODS, BUDGET_UNITS
+from keyrelay.usage_layout import UsageRecord
+
+__all__ = [
+    "FORM_FIELDS",
+    "KeyForm",
+    "field_of",
+    "key_created_page",
+    "keys_page",
+    "limits_in_words",
+    "parse_key_form",
+    "revoke_page",
+]
+
+DAY_SECONDS = 86_400
+MAX_EXPIRY_DAYS = 36_500  # a hundred years: "never" is the empty field
+_NONE = Html("&ndash;")
+
+# The create form's fields, each with its label and where the service's messages name it.
+FORM_FIELDS: Mapping[str, tuple[str, str]] = {
+    "name": ("Name", "name"),
+    "account_id": ("Account", "route.account_id"),
+    "requests_per_minute": ("Requests/min", "limits.requests_per_minute"),
+    "tokens_per_minute": ("Tokens/min", "limits.tokens_per_minute"),
+    "concurrent_requests": ("Concurrent", "limits.concurrent_requests"),
+    "budget_amount": ("Budget", "limits.budget.amount"),
+    "budget_unit": ("Budget unit", "limits.budget.unit"),
+    "budget_period": ("Budget period", "limits.budget.period"),
+    "expires_days": ("Expires in (days)", "expires_at"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyForm:
+    """What the create form asks for, as the service takes it."""
+
+    name: str
+    route: Route
+    limits: Limits
+    expires_at: int
+
+
+def _whole(values: Mapping[str, str], field: str) -> int | None:
+    text = values.get(field, "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"{FORM_FIELDS[field][1]} must be a whole number (got {text[:32]!r}); "
+            "leave it empty for no limit"
+        ) from None
+
+
+def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
+    """The form's values (stripped strings) as ``create_key``'s arguments.
+
+    Empty limits are unset; a budget is set by its amount (unit and period then
+    apply); an empty expiry is "never". Ranges are the service's to check."""
+    limits = {field: _whole(values, field) for field in LIMIT_FIELDS}
+    budget = None
+    amount_text = values.get("budget_amount", "")
+    if amount_text:
+        try:
+            amount = float(amount_text)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount):
+            raise InvalidArgument(
+                f"limits.budget.amount must be a number (got {amount_text[:32]!r}); "
+                "leave it empty for no budget"
+            )
+        budget = Budget(amount, values.get("budget_unit", ""), values.get("budget_period", ""))
+    days = _whole(values, "expires_days")
+    if days is not None and not 1 <= days <= MAX_EXPIRY_DAYS:
+        raise InvalidArgument(
+            f"expires_at: the expiry must be 1 to {MAX_EXPIRY_DAYS} days (got {days}); "
+            "leave it empty for a key that never expires"
+        )
+    return KeyForm(
+        name=values.get("name", ""),
+        route=Route(account_id=values.get("account_id", "")),
+        limits=Limits(**limits, budget=budget),
+        expires_at=0 if days is None else int(now) + days * DAY_SECONDS,
+    )
+
+
+def field_of(message: str) -> str:
+    """The form field a service message is about ("" if none): the longest match wins."""
+    found = ""
+    for field, (_, named) in FORM_FIELDS.items():
+        if message.startswith(named) and len(named) > len(FORM_FIELDS.get(found, ("", ""))[1]):
+            found = field
+    return found
+
+
+def limits_in_words(limits: Limits) -> str:
+    parts = []
+    if limits.requests_per_minute is not None:
+        parts.append(f"{limits.requests_per_minute:,} requests/min")
+    if limits.tokens_per_minute is not None:
+        parts.append(f"{limits.tokens_per_minute:,} tokens/min")
+    if limits.concurrent_requests is not None:
+        parts.append(f"{limits.concurrent_requests:,} concurrent")
+    budget = limits.budget
+    if budget is not None:
+        amount = (
+            f"${budget.amount:,.2f}" if budget.unit == "usd" else f"{budget.amount:,.0f} tokens"
+        )
+        parts.append(f"budget {amount} a {budget.period}")
+    return ", ".join(parts) or "no limits"
+
+
+def _usage_cells(record: KeyRecord, usage: Mapping[str, UsageRecord] | None) -> Html:
+    """This month's requests, tokens and cost of the key, or why there are none."""
+    found = None if usage is None else usage.get(record.key_sha256)
+    if found is None and usage is not None and record.limits != Limits():
+        found = UsageRecord()  # limited, and nothing recorded this month yet
+    if found is None:
+        why = "not available" if usage is None else "not recorded (no limits)"
+        return render('<td colspan="3" class="muted">$why</td>', why=why)
+    return render(
+        '<td class="num">$requests</td><td class="num">$tokens</td><td class="num">$cost</td>',
+        requests=f"{found.requests:,}",
+        tokens=f"{found.tokens:,}",
+        cost=f"${found.cost_usd:,.4f}",
+    )
+
+
+def _key_row(record: KeyRecord, usage: Mapping[str, UsageRecord] | None, now: float) -> Html:
+    return render(
+        '<tr data-key="$id"><td><code>$id</code></td><td><strong>$name</strong></td>'
+        '<td>$account <span class="muted">$mode · $profile · $upstream</span></td>'
+        "<td>$limits</td><td>$expires</td>$usage"
+        '<td><a href="/keys/revoke?key_id=$id" aria-label="Revoke $name">Revoke…</a></td></tr>',
+        id=record.key_id,
+        name=record.name,
+        account=record.route.account_id or _NONE,
+        mode=record.route.mode,
+        profile=record.route.profile,
+        upstream=record.route.upstream,
+        limits=limits_in_words(record.limits),
+        expires=when(record.expires_at, now) if record.expires_at else "never",
+        usage=_usage_cells(record, usage),
+    )
+
+
+def _keys_table(
+    records: Sequence[KeyRecord], usage: Mapping[str, UsageRecord] | None, now: float
+) -> Html:
+    if not records:
+        return Html('<p class="muted">No gateway key has been created here yet.</p>')
+    rows = join(_key_row(r, usage, now) for r in records)
+    return render(
+        '<table id="keys"><thead><tr><th>Id</th><th>Name</th><th>Route</th><th>Limits</th>'
+        "<th>Expires</th><th>Requests</th><th>Tokens</th><th>Cost</th><th></th></tr></thead>"
+        "<tbody>$rows</tbody></table>",
+        rows=rows,
+    )
+
+
+def _input(field: str, values: Mapping[str, str], invalid: str, **attributes: str) -> Html:
+    label = FORM_FIELDS[field][0]
+    extra = join(render(' $k="$v"', k=k.replace("_", "-"), v=v) for k, v in attributes.items())
+    return render(
+        '<label>$label <input name="$field" value="$value"$extra$invalid></label>',
+        label=label,
+        field=field,
+        value=values.get(field, ""),
+        extra=extra,
+        invalid=Html(' aria-invalid="true" autofocus') if field == invalid else Html(""),
+    )
+
+
+def _select(field: str, options: Sequence[str], values: Mapping[str, str], invalid: str) -> Html:
+    chosen = values.get(field) or options[0]
+    return render(
+        '<label>$label <select name="$field"$invalid>$options</select></label>',
+        label=FORM_FIELDS[field][0],
+        field=field,
+        invalid=Html(' aria-invalid="true"') if field == invalid else Html(""),
+        options=join(
+            render(
+                '<option value="$o"$selected>$o</option>',
+                o=o,
+                selected=Html(" selected") if o == chosen else Html(""),
+            )
+            for o in options
+        ),
+    )
+
+
+def _create_form(csrf: str, values: Mapping[str, str], invalid: str) -> Html:
+    number = {"inputmode": "numeric", "size": "8"}
+    return render(
+        '<form method="post" action="/keys" id="create-key">'
+        '<input type="hidden" name="csrf" value="$csrf">'
+        "<p>$name $account</p><p>$rpm $tpm $concurrent</p><p>$budget $unit $period</p>"
+        '<p>$expires <button type="submit">Create key</button></p></form>'
+        '<p class="muted">Empty limits mean no limit; usage is recorded only for keys with '
+        "a limit. The key routes to the account's OAuth token (mode oauth, profile and "
+        "upstream <code>default</code>; <code>keyrelay keys new</code> sets the others).</p>",
+        csrf=csrf,
+        name=_input("name", values, invalid, required="", maxlength="64", size="20"),
+        account=_input("account_id", values, invalid, required="", maxlength="128", size="20"),
+        rpm=_input("requests_per_minute", values, invalid, **number),
+        tpm=_input("tokens_per_minute", values, invalid, **number),
+        concurrent=_input("concurrent_requests", values, invalid, **number),
+        budget=_input("budget_amount", values, invalid, inputmode="decimal", size="8"),
+        unit=_select("budget_unit", BUDGET_UNITS, values, invalid),
+        period=_select("budget_period", BUDGET_PERIODS[::-1], values, invalid),
+        expires=_input("expires_days", values, invalid, **number),
+    )
+
+
+def keys_page(
+    *,
+    records: Sequence[KeyRecord],
+    usage: Mapping[str, UsageRecord] | None,
+    month: str,
+    csrf: str,
+    flashes: Sequence[Flash] = (),
+    values: Mapping[str, str] | None = None,
+    error: str | None = None,
+    now: float | None = None,
+) -> Html:
+    """The list and the create form. ``usage``: this month's per key hash (None: not
+    available); ``values``/``error``: a refused form shown again with its message."""
+    now = time.time() if now is None else now
+    form_flashes = flash_list([Flash("error", error)]) if error else Html("")
+    note = (
+        render(
+            '<p class="muted">Usage: $month (UTC), as the gateways recorded it.</p>', month=month
+        )
+        if usage is not None
+        else Html(
+            '<p class="flash error">This month\'s usage is too large to show here: '
+            "<code>keyrelay usage</code> has it per key.</p>"
+        )
+    )
+    body = render(
+        '<p><a href="/">&larr; Accounts</a> · <a href="/usage">Usage, last 30 days</a></p>'
+        "$flashes<section><h2>Create a gateway key</h2>$form_flashes$form</section>"
+        "<section><h2>Gateway keys</h2>$note$table</section>",
+        flashes=flash_list(flashes),
+        form_flashes=form_flashes,
+        form=_create_form(csrf, values or {}, field_of(error or "")),
+        note=note,
+        table=_keys_table(records, usage, now),
+    )
+    return page("Gateway keys", body, csrf=csrf)
+
+
+def key_created_page(record: KeyRecord, secret: str, *, csrf: str) -> Html:
+    """The one page that ever shows the key: sent as the answer to the create POST."""
+    body = render(
+        '<div class="flash ok" role="status">Created gateway key $name ($id).</div>'
+        '<section><h2>The key, shown once</h2><p><code id="new-key">$secret</code></p>'
+        "<p>Copy it now: this page is the only time it is shown. keyrelay keeps only its "
+        "SHA-256, and reloading this page does not show it again.</p>"
+        "<p>Limits: $limits.</p>"
+        '<p><a href="/keys">Done: back to the gateway keys</a></p></section>',
+        name=record.name,
+        id=record.key_id,
+        secret=secret,
+        limits=limits_in_words(record.limits),
+    )
+    return page("Key created", body, csrf=csrf)
+
+
+def revoke_page(record: KeyRecord, *, csrf: str) -> Html:
+    """The confirmation step: what revoking stops, and the one button that does it."""
+    body = render(
+        "<section><h2>Revoke $name?</h2><p>Key <code>$id</code> ($limits) will get 401 on "
+        "every gateway within about a second. This cannot be undone: a revoked key stays "
+        "revoked; create a new one to replace it.</p>"
+        '<form method="post" action="/keys/revoke"><input type="hidden" name="csrf" '
+        'value="$csrf"><input type="hidden" name="key_id" value="$id">'
+        '<input type="hidden" name="version" value="$version">'
+        '<button class="danger" type="submit">Revoke $name</button> '
+        '<a href="/keys">Cancel</a></form></section>',
+        name=record.name,
+        id=record.key_id,
+        limits=limits_in_words(record.limits),
+        csrf=csrf,
+        version=record.version,
+    )
+    return page("Revoke key", body, csrf=csrf)
