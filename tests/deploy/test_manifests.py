@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -20,7 +22,9 @@ import yaml
 
 from keyrelay.auth.config import parse_auth_config
 from keyrelay.configfile import ConfigError
+from keyrelay.dev import GATEWAY_REDIS_USER
 from keyrelay.gateway.config import parse_gateway_config
+from keyrelay.gateway.limits_store import ACL_COMMANDS, acl_rules
 from tests.deploy.manifests import (
     ANY,
     DEPLOY,
@@ -70,11 +74,16 @@ COMMON_EDGES: set[Edge] = {
     ("auth", WORLD, "TCP/443"),
     ("gateway", WORLD, "TCP/443"),
 }
-IN_CLUSTER_REDIS = {("auth", "redis", "TCP/6379")}
+IN_CLUSTER_REDIS = {
+    ("auth", "redis", "TCP/6379"),
+    ("gateway", "redis", "TCP/6379"),  # the limits counters, as the ACL user keyrelay-gateway
+}
 EXTERNAL_REDIS = {
     ("auth", WORLD, "TCP/6379"),
     ("auth", WORLD, "TCP/6380"),
     ("auth", WORLD, "TCP/26379"),  # Redis Sentinel
+    ("gateway", WORLD, "TCP/6379"),  # the limits store: no Sentinel
+    ("gateway", WORLD, "TCP/6380"),
 }
 EXPECTED_EDGES = {
     "local-redis": COMMON_EDGES | IN_CLUSTER_REDIS,
@@ -383,6 +392,81 @@ def test_auth_pods_outlive_a_refresh_in_flight(overlay: str) -> None:
     assert grace >= pause + auth.refresh_deadline_seconds + 5, (grace, pause)
 
 
+def _redis_script(objs: list[Obj]) -> tuple[Obj, str]:
+    ctr = pod_spec(get(objs, "StatefulSet", "keyrelay-redis"))["containers"][0]
+    assert ctr["command"][:2] == ["sh", "-c"]
+    return ctr, ctr["command"][2]
+
+
+def _run_redis_script(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The container's start script with the file under tmp_path and no Redis started."""
+    assert script.count("/run/redis/auth.conf") == 1
+    assert script.count("exec redis-server /etc/redis/redis.conf") == 1
+    script = script.replace("/run/redis/auth.conf", str(tmp_path / "auth.conf")).replace(
+        "exec redis-server /etc/redis/redis.conf", "exit 0"
+    )
+    return subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+def test_redis_creates_the_gateways_acl_user_of_the_limits_store(tmp_path: Path) -> None:
+    """Redis writes the gateways' ACL user at start: exactly ACL_COMMANDS, only the limits
+    keys under the key_prefix that auth and gateway share, the password from the Secret
+    (never on a command line or in a ConfigMap); the gateways dial Redis as that user."""
+    objs = rendered("local-redis")
+    _, _, _, auth = _service_config(objs, "keyrelay-auth")
+    _, _, _, gateway = _service_config(objs, "keyrelay-gateway")
+    assert gateway.limits is not None, "[gateway.limits] is configured"
+    prefix = gateway.limits.key_prefix
+    assert prefix == auth.key_prefix, "the auth service reads the usage under its key_prefix"
+    ctr, script = _redis_script(objs)
+    env = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in ctr["env"]}
+    assert env["REDIS_GATEWAY_PASSWORD"] == {"name": "keyrelay-redis", "key": "gateway-password"}
+    result = _run_redis_script(
+        script, tmp_path, REDISCLI_AUTH="admin-pw", REDIS_GATEWAY_PASSWORD="gw-Pass_1.~"
+    )
+    assert result.returncode == 0, result.stderr
+    conf = (tmp_path / "auth.conf").read_text(encoding="utf-8")
+    assert (tmp_path / "auth.conf").stat().st_mode & 0o077 == 0
+    words = shlex.split(next(line for line in conf.splitlines() if line.startswith("user ")))
+    assert words == ["user", GATEWAY_REDIS_USER, *acl_rules(prefix, "gw-Pass_1.~")]
+    assert [w for w in words if w[:1] in "+-" and w != "-@all"] == list(ACL_COMMANDS)
+    assert f"~{prefix}limits:*" in words
+    # The password is refused when it could break the rule or the URL (not started).
+    for bad in ("", "two words", 'q"uote', "a\\b", "p@ss/word"):
+        result = _run_redis_script(script, tmp_path, REDISCLI_AUTH="x", REDIS_GATEWAY_PASSWORD=bad)
+        assert result.returncode != 0, bad
+        assert "gateway-password" in result.stderr
+    # The gateways' URL file is mounted from their own Secret, never keyrelay-redis.
+    gw = get(objs, "Deployment", "keyrelay-gateway")
+    secrets = {v["secret"]["secretName"] for v in pod_spec(gw)["volumes"] if "secret" in v}
+    assert secrets == {"keyrelay-gateway-redis"}
+    # docs/deployment.md: the same user and rules for an external Redis, and the URLs
+    # of the gateways' Secret name that user.
+    doc = _doc()
+    setuser = re.findall(r"ACL SETUSER ([^\n]*?)\\n'", doc)
+    assert [s.split() for s in setuser] == [[GATEWAY_REDIS_USER, *acl_rules(prefix, "%s")]]
+    gateway_secret = r"create secret generic keyrelay-gateway-redis[^\n]*\n[^\n]*url=\"(\S+?)\""
+    urls = re.findall(gateway_secret, doc)
+    assert len(urls) == 2, urls
+    assert all(u.split("://", 1)[1].startswith(f"{GATEWAY_REDIS_USER}:") for u in urls), urls
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateways_have_the_limits_store(overlay: str) -> None:
+    objs = rendered(overlay)
+    _, _, _, auth = _service_config(objs, "keyrelay-auth")
+    _, _, _, gateway = _service_config(objs, "keyrelay-gateway")
+    assert gateway.limits is not None
+    assert gateway.limits.key_prefix == auth.key_prefix
+
+
 def test_config_check_catches_an_unmounted_secret_file() -> None:
     objs = rendered("local-redis")
     auth = get(objs, "Deployment", "keyrelay-auth")
@@ -433,17 +517,18 @@ def test_edge_checker_catches_a_missing_default_deny() -> None:
 
 def test_edge_checker_needs_both_sides_in_the_namespace() -> None:
     objs = rendered("local-redis")
-    # Redis accepting every keyrelay pod is not enough: the gateway's egress still denies.
-    get(objs, "NetworkPolicy", "keyrelay-redis")["spec"]["ingress"][0]["from"][0]["podSelector"] = {
+    # The auth service accepting every keyrelay pod is not enough: Redis's egress
+    # (none) still denies.
+    get(objs, "NetworkPolicy", "keyrelay-auth")["spec"]["ingress"][0]["from"][0]["podSelector"] = {
         "matchLabels": {"app.kubernetes.io/name": "keyrelay"}
     }
-    assert ("gateway", "redis", "TCP/6379") not in network_edges(objs)
+    assert ("redis", "auth", "TCP/50051") not in network_edges(objs)
     # ... and with an egress rule towards it, the path opens: caught.
-    get(objs, "NetworkPolicy", "keyrelay-gateway")["spec"]["egress"].append(
-        {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "redis"}}}]}
-    )
+    get(objs, "NetworkPolicy", "keyrelay-redis")["spec"]["egress"] = [
+        {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "auth"}}}]}
+    ]
     extra = network_edges(objs) - EXPECTED_EDGES["local-redis"]
-    assert extra == {("gateway", "redis", "TCP/6379")}
+    assert extra == {("redis", "auth", "TCP/50051")}
 
 
 def test_edge_checker_refuses_what_it_does_not_model() -> None:
