@@ -509,9 +509,10 @@ class LimitsStore:
         command = b"".join(
             (
                 plan.admit_head,
-                b"$%d\r\n%b%b\r\n" % (len(self._lease_prefix) + len(lid), self._lease_prefix, lid),
+                bulk(self._lease_prefix + lid),
                 plan.admit_keys,
-                b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(now_ms), now_ms, len(lid), lid),
+                bulk(now_ms),
+                bulk(lid),
                 plan.admit_args,
             )
         )
@@ -570,10 +571,11 @@ class LimitsStore:
         command = b"".join(
             (
                 plan.finish_head,
-                b"$%d\r\n%b%b\r\n" % (len(self._lease_prefix) + len(lid), self._lease_prefix, lid),
+                bulk(self._lease_prefix + lid),
                 plan.finish_keys,
-                b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                % (len(now_ms), now_ms, len(lid), lid, len(used), used),
+                bulk(now_ms),
+                bulk(lid),
+                bulk(used),
                 plan.finish_args,
             )
         )
