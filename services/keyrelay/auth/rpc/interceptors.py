@@ -81,11 +81,11 @@ def _wrap(
     handler: Handler,
     guard: Callable[[str], None] | None,
     method: str,
-    tracer: Tracer = NOOP_TRACER,
-    in_flight: CallsInFlight | None = None,
+    tracer: Tracer,
+    calls: CallsInFlight,
 ) -> Handler:
-    """Rebuilds ``handler`` with its behaviour run under ``guard`` and the error mapping."""
-    calls = in_flight if in_flight is not None else CallsInFlight()
+    """Rebuilds ``handler`` with its behaviour run under ``guard`` and the error
+    mapping; its unary calls are counted in ``calls`` while they run."""
 
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         calls.count += 1
