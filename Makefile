@@ -81,7 +81,10 @@ run: $(STAMP_PY) ## Run the whole stack locally (Redis, auth service, gateway)
 bench: $(STAMP_PY) $(STAMP_NODE) ## Run the benchmarks
 	$(BIN)/python bench/auth_gettoken.py
 	$(BIN)/python bench/auth_events.py
+	$(BIN)/python bench/auth_delivery_cost.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/gateway_limits.py
+	$(BIN)/python bench/limits_store.py
 	$(BIN)/python bench/redis_read.py
 
 clean: ## Remove the virtualenv and the node modules
