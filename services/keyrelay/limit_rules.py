@@ -135,6 +135,16 @@ class Budget:
             return cls(_count(amount, f"{where}.amount", MAX_BUDGET_TOKENS), unit, period)
         return cls(_usd(amount, f"{where}.amount"), unit, period)
 
+    @property
+    def plain_amount(self) -> float | int:
+        """The amount as people, the config and the admin RPC state it (``from_dict``
+        takes it back): US dollars (a float) or tokens (an int)."""
+        return self.amount / MICRO_USD if self.unit is BudgetUnit.USD else self.amount
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values: ``Budget.from_dict(budget.to_dict()) == budget``."""
+        return {"amount": self.plain_amount, "unit": self.unit.value, "period": self.period.value}
+
     def shown(self, units: int) -> str:
         """A counter value in this budget's unit, for people: ``$12.50``, ``1,000 tokens``."""
         if self.unit is BudgetUnit.USD:
@@ -203,6 +213,16 @@ class Limits:
             concurrent_requests=count("concurrent_requests", MAX_CONCURRENT_REQUESTS),
             budget=None if budget is None else Budget.from_dict(budget, where=f"{where}.budget"),
         )
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values, the limits set only: ``Limits.from_dict(limits.to_dict()) == limits``."""
+        counts = ("requests_per_minute", "tokens_per_minute", "concurrent_requests")
+        data: dict[str, object] = {
+            name: value for name in counts if (value := getattr(self, name)) is not None
+        }
+        if self.budget is not None:
+            data["budget"] = self.budget.to_dict()
+        return data
 
     @property
     def unlimited(self) -> bool:

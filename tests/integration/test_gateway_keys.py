@@ -17,11 +17,12 @@ import grpc
 import pytest
 from grpc import aio
 
-from keyrelay.auth.core.gateway_keys import Limits, Route
+from keyrelay.auth.core.gateway_keys import Route
 from keyrelay.auth.rpc.server import RunningServer
 from keyrelay.auth.store.keys_store import KeyStore, Refused
 from keyrelay.auth.store.redis_store import RedisStore
 from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
+from keyrelay.limit_rules import Limits
 from tests.integration.test_auth_bad_input import status_of
 from tests.integration.test_event_fanout import open_store
 from tests.support.events import EventWatcher
@@ -494,6 +495,86 @@ async def test_a_thousand_keys_are_created_and_listed(
     assert sorted(k.key_id for k in listed.keys) == sorted(k.key_id for k in created)
     assert {k.key_id: k for k in listed.keys} == {k.key_id: k for k in created}
     assert elapsed < 2.0, elapsed
+
+
+# --- records written by earlier versions --------------------------------------------------
+
+# Hashes exactly as the auth service wrote them before it used keyrelay.limit_rules'
+# Limits (floats for every budget amount: the proto's double) and, for the last one,
+# before it checked budgets by the gateways' rules (a USD budget under a micro-dollar).
+EARLIER_RECORDS = {
+    "gk-00000000000000e1": (
+        '{"budget": {"amount": 12.5, "period": "month", "unit": "usd"}, '
+        '"concurrent_requests": 4, "requests_per_minute": 60}',
+        auth_pb2.KeyLimits(
+            requests_per_minute=60,
+            concurrent_requests=4,
+            budget=auth_pb2.KeyBudget(amount=12.5, unit="usd", period="month"),
+        ),
+    ),
+    "gk-00000000000000e2": (
+        '{"budget": {"amount": 2000000.0, "period": "day", "unit": "tokens"}, '
+        '"tokens_per_minute": 100000}',
+        auth_pb2.KeyLimits(
+            tokens_per_minute=100_000,
+            budget=auth_pb2.KeyBudget(amount=2_000_000, unit="tokens", period="day"),
+        ),
+    ),
+    "gk-00000000000000e3": ("{}", auth_pb2.KeyLimits()),
+    "gk-00000000000000e4": (
+        '{"budget": {"amount": 1e-07, "period": "day", "unit": "usd"}}',
+        auth_pb2.KeyLimits(budget=auth_pb2.KeyBudget(amount=0.000001, unit="usd", period="day")),
+    ),
+}
+
+
+async def test_keys_stored_by_earlier_versions_load_and_change(
+    auth_stub: auth_pb2_grpc.AuthServiceAsyncStub, store: RedisStore, prefix: str
+) -> None:
+    now = int(time.time())
+    for n, (key_id, (stored, _)) in enumerate(EARLIER_RECORDS.items()):
+        key_sha256 = "sha256:" + f"{n:02x}" * 32
+        await store.client.hset(
+            f"{prefix}gwkey:{key_id}",
+            mapping={
+                "name": f"old-{n}",
+                "key_sha256": key_sha256,
+                "account_id": "team-a",
+                "mode": "oauth",
+                "profile": "default",
+                "upstream": "default",
+                "limits": stored,
+                "created_at": now - 100 + n,
+                "updated_at": now - 100 + n,
+                "expires_at": 0,
+                "revoked_at": 0,
+                "version": 1,
+            },
+        )
+        await store.client.zadd(f"{prefix}gwkeys", {key_id: (now - 100 + n) * 1000})
+        await store.client.hset(f"{prefix}gwkeys:sha256", key_sha256, key_id)
+
+    listed = await auth_stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=gateway_md())
+    assert {k.key_id: k.limits for k in listed.keys} == {
+        key_id: served for key_id, (_, served) in EARLIER_RECORDS.items()
+    }
+    for key in listed.keys:
+        got = await auth_stub.GetKey(auth_pb2.GetKeyRequest(key_id=key.key_id), metadata=admin_md())
+        assert got == key
+
+    # Changing another part keeps the limits; replacing them writes today's form.
+    key_id = "gk-00000000000000e2"
+    renamed = await auth_stub.UpdateKey(
+        auth_pb2.UpdateKeyRequest(key_id=key_id, name="renamed"), metadata=admin_md()
+    )
+    assert (renamed.name, renamed.limits) == ("renamed", EARLIER_RECORDS[key_id][1])
+    budget = auth_pb2.KeyBudget(amount=3_000_000, unit="tokens", period="month")
+    await auth_stub.UpdateKey(
+        auth_pb2.UpdateKeyRequest(key_id=key_id, limits=auth_pb2.KeyLimits(budget=budget)),
+        metadata=admin_md(),
+    )
+    written = await store.client.hget(f"{prefix}gwkey:{key_id}", "limits")
+    assert written == b'{"budget": {"amount": 3000000, "period": "month", "unit": "tokens"}}'
 
 
 # --- the store itself -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import cast
 import pytest
 
 from keyrelay.auth.config import parse_encryption_keys
-from keyrelay.auth.core.gateway_keys import KeyChanges, Limits, Route
+from keyrelay.auth.core.gateway_keys import KeyChanges, Route
 from keyrelay.auth.store.crypto import TokenCipher
 from keyrelay.auth.store.keys_store import _CHANGE_KEY, _CREATE_KEY, KeyStore
 from keyrelay.auth.store.redis_store import (
@@ -35,6 +35,7 @@ from keyrelay.auth.store.redis_store import (
     StoredTokens,
 )
 from keyrelay.auth.web.sessions import PendingFlow, SessionStore
+from keyrelay.limit_rules import Limits
 from tests.support.redis_server import RedisServer
 from tests.support.stack import ENCRYPTION_KEYS, PROVIDER
 from tests.support.tcp_proxy import ReplyDroppingProxy

@@ -1,27 +1,34 @@
 """The web page's gateway keys (issue 11 item 1) over real HTTP: real service, real Redis.
 
-List with limits and this month's usage, create (the key shown once, in the answer
-to the POST and nowhere else), revoke after a confirmation page; login and CSRF as
-for the other forms; the service's refusals shown on the form, escaped.
+List with limits and this month's usage, 50 keys a page; create (POST, 303, GET: the
+key shown once, on the first view of the page the POST redirects to, and nowhere
+else; a reload or a second submission of the form creates nothing); revoke after a
+confirmation page; login and CSRF as for the other forms; the service's refusals
+shown on the form, escaped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
 import re
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from keyrelay.auth.core.gateway_keys import KeyRecord, Limits, Route
+from keyrelay.auth.core.gateway_keys import KeyRecord, Route
 from keyrelay.auth.rpc.server import RunningServer
-from keyrelay.auth.web.keys_page import keys_page
+from keyrelay.auth.web.keys_page import PAGE_SIZE, keys_page, page_of
+from keyrelay.auth.web.sessions import REVEAL_TTL_SECONDS
 from keyrelay.gateway.core.usage import Usage
 from keyrelay.gateway.keys import key_hash
 from keyrelay.gateway.limits_store import LimitsStore
+from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period
 from keyrelay.logs import JsonFormatter
+from tests.integration.test_gateway_keys import everything_in_redis
 from tests.integration.test_usage import key_subject, limits, record
 from tests.integration.test_web import admin, anonymous
 from tests.support.web import WebAdmin, form
@@ -31,12 +38,23 @@ __all__ = ["admin", "anonymous", "limits"]  # fixtures, shared with test_web and
 NEW_KEY = re.compile(r'<code id="new-key">([^<]+)</code>')
 
 
-async def create(admin: WebAdmin, **values: str) -> httpx.Response:
-    """Fills the page's create form (``values`` over its defaults) and posts it."""
+async def filled_form(admin: WebAdmin, **values: str) -> dict[str, str]:
+    """The page's create form, ``values`` over its defaults."""
     page = await admin.get("/keys")
     assert page.status_code == 200, page.text
     fields = {**form(page.text, "/keys"), "budget_unit": "usd", "budget_period": "month"}
-    return await admin.post("/keys", {**fields, **values})
+    return {**fields, **values}
+
+
+async def create(admin: WebAdmin, **values: str) -> httpx.Response:
+    """Fills the page's create form and posts it; a created key's answer is a 303 to the
+    page showing it, which is followed (its answer returned), as a browser does."""
+    response = await admin.post("/keys", await filled_form(admin, **values))
+    if response.status_code != 303:
+        return response
+    location = response.headers["location"]
+    assert location.startswith("/keys/created?form="), location
+    return await admin.get(location)
 
 
 def secret_of(response: httpx.Response) -> str:
@@ -55,6 +73,10 @@ async def only_key(web_server: RunningServer) -> KeyRecord:
     keys, _ = await web_server.service.list_keys(include_revoked=True)
     assert len(keys) == 1, keys
     return keys[0]
+
+
+async def key_count(web_server: RunningServer) -> int:
+    return len((await web_server.service.list_keys(include_revoked=True))[0])
 
 
 # -- login and CSRF -----------------------------------------------------------------------
@@ -101,7 +123,7 @@ async def test_create_shows_the_key_once_and_the_list_never(
     admin: WebAdmin, web_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    response = await create(
+    fields = await filled_form(
         admin,
         name="team-a.ci",
         account_id="acct",
@@ -111,12 +133,20 @@ async def test_create_shows_the_key_once_and_the_list_never(
         budget_amount="12.5",
         expires_days="30",
     )
-    # The answer to the POST itself, not a redirect: nothing to carry the key elsewhere.
+    posted = await admin.post("/keys", fields)
+    # POST, redirect, GET: the POST's answer carries no key, in its body or its address.
+    assert posted.status_code == 303
+    shown_at = posted.headers["location"]
+    assert shown_at == f"/keys/created?form={fields['form_id']}"
+    assert "set-cookie" not in posted.headers
+    assert "kr-" not in posted.text
+    response = await admin.get(shown_at)
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
     assert "set-cookie" not in response.headers
     assert "script" not in response.headers["content-security-policy"]
     secret = secret_of(response)
+    assert secret not in shown_at
     assert "Created gateway key team-a.ci" in response.text
     key = await only_key(web_server)
     assert key.key_sha256 == key_hash(secret)
@@ -124,7 +154,7 @@ async def test_create_shows_the_key_once_and_the_list_never(
     assert key.limits.requests_per_minute == 60
     assert key.limits.concurrent_requests == 5
     assert key.limits.budget is not None
-    assert (key.limits.budget.amount, key.limits.budget.unit) == (12.5, "usd")
+    assert key.limits.budget == Budget(12_500_000, BudgetUnit.USD, Period.MONTH)
     assert 29 * 86_400 < key.expires_at - key.created_at <= 30 * 86_400
 
     listed = await admin.get("/keys")
@@ -133,14 +163,19 @@ async def test_create_shows_the_key_once_and_the_list_never(
     assert "60 requests/min, 10,000 tokens/min, 5 concurrent, budget $12.50 a month" in row
     assert "in 719 h" in row or "in 720 h" in row  # the expiry
     assert listed.headers["cache-control"] == "no-store"
-    # Shown once: in that one answer, and in no other page, cookie or log line.
+    # Shown once: in that one answer, and in no other page, address, cookie or log line.
+    again = await admin.get(shown_at)
+    assert again.status_code == 410
+    assert "Already shown" in again.text
     assert sum(secret in page for page in admin.pages) == 1
     assert secret not in json.dumps(dict(admin.http.cookies))
     ours = [r for r in caplog.records if r.name.startswith(("keyrelay", "aiohttp"))]
     logs = "\n".join(JsonFormatter().format(r) for r in ours)
     assert key.key_id in logs  # the service logged the creation...
+    assert "/keys/created" in logs  # ...and the web request, by its path only...
     assert secret not in logs  # ...without the key
-    assert key.key_sha256 not in response.headers.get("location", "")
+    assert fields["form_id"] not in logs
+    assert await key_count(web_server) == 1
 
 
 async def test_a_key_without_limits_records_no_usage(admin: WebAdmin) -> None:
@@ -162,6 +197,119 @@ async def test_this_months_usage_per_key(
     row = row_of((await admin.get("/keys")).text, key.key_id)
     cells = re.findall(r'<td class="num">([^<]*)</td>', row)
     assert cells == ["2", "1,650", "$0.7500"]
+
+
+# -- a reload, or the form sent again, creates nothing --------------------------------------
+
+
+async def test_a_reload_shows_no_key_and_creates_none(
+    admin: WebAdmin, web_server: RunningServer
+) -> None:
+    fields = await filled_form(admin, name="once", account_id="acct")
+    posted = await admin.post("/keys", fields)
+    shown_at = posted.headers["location"]
+    secret = secret_of(await admin.get(shown_at))
+    key = await only_key(web_server)
+
+    for _ in range(3):  # the browser's reload of the page showing the key: a GET
+        reloaded = await admin.get(shown_at)
+        assert reloaded.status_code == 410
+        assert "Already shown" in reloaded.text
+        assert f"<code>{key.key_id}</code>" in reloaded.text
+        assert f'href="/keys/revoke?key_id={key.key_id}"' in reloaded.text
+        assert secret not in reloaded.text
+
+    # The form sent again as it was (its one-time id and the session's CSRF token): the
+    # way to the first one's key, no second key.
+    for _ in range(2):
+        again = await admin.post("/keys", fields)
+        assert (again.status_code, again.headers["location"]) == (303, shown_at)
+        assert (await admin.get(shown_at)).status_code == 410
+    assert await key_count(web_server) == 1
+    assert sum(secret in page for page in admin.pages) == 1
+
+    # Without its one-time id (a form from elsewhere): refused, nothing created.
+    bare = {k: v for k, v in fields.items() if k != "form_id"}
+    for form_id in (None, "", "x" * 31, "<script>" * 4):
+        data = bare if form_id is None else {**bare, "form_id": form_id}
+        refused = await admin.post("/keys", data)
+        assert refused.status_code == 400
+        assert "No key was created" in refused.text
+        assert "<script>" not in refused.text
+    assert await key_count(web_server) == 1
+    assert key_hash(secret) == key.key_sha256
+
+
+async def test_a_double_submission_makes_one_key_and_shows_it(
+    admin: WebAdmin, web_server: RunningServer
+) -> None:
+    """A double click: the browser follows the answer to the second POST only, so that
+    one leads to the key too (shown once, whichever view comes first)."""
+    fields = await filled_form(admin, name="double", account_id="acct")
+    answers = await asyncio.gather(*(admin.post("/keys", fields) for _ in range(4)))
+    locations = {(a.status_code, a.headers.get("location")) for a in answers}
+    assert locations == {(303, f"/keys/created?form={fields['form_id']}")}
+    assert await key_count(web_server) == 1
+    views = [await admin.get(f"/keys/created?form={fields['form_id']}") for _ in range(2)]
+    assert [v.status_code for v in views] == [200, 410]
+    assert key_hash(secret_of(views[0])) == (await only_key(web_server)).key_sha256
+
+
+async def test_a_refused_form_may_be_sent_again(admin: WebAdmin, web_server: RunningServer) -> None:
+    fields = await filled_form(admin, name="retry", account_id="acct")
+    refused = await admin.post("/keys", {**fields, "requests_per_minute": "0"})
+    assert refused.status_code == 400
+    assert form(refused.text, "/keys")["form_id"] != fields["form_id"]  # a new form
+    assert await key_count(web_server) == 0
+    # The old form (the browser's Back), corrected: its id created nothing, so it may.
+    accepted = await admin.post("/keys", {**fields, "requests_per_minute": "5"})
+    assert accepted.status_code == 303
+    assert secret_of(await admin.get(accepted.headers["location"]))
+    assert (await only_key(web_server)).limits == Limits(requests_per_minute=5)
+
+
+async def test_the_key_is_shown_only_to_the_session_that_made_it(
+    admin: WebAdmin, web_server: RunningServer
+) -> None:
+    assert web_server.web is not None
+    fields = await filled_form(admin, name="mine", account_id="acct")
+    shown_at = (await admin.post("/keys", fields)).headers["location"]
+    other = WebAdmin(f"http://127.0.0.1:{web_server.web.port}")
+    try:
+        assert (await other.get(shown_at)).status_code == 303  # no session: log in first
+        assert (await other.login()).status_code == 303
+        for _ in range(2):
+            response = await other.get(shown_at)
+            assert response.status_code == 404
+            assert "There is no new key to show here" in response.text
+        # The same form's id from another session: nothing of the first's either.
+        posted = await other.post(
+            "/keys", {**fields, "csrf": form((await other.get("/keys")).text, "/keys")["csrf"]}
+        )
+        assert posted.status_code == 303
+        other_key = secret_of(await other.get(posted.headers["location"]))
+    finally:
+        await other.aclose()
+    secret = secret_of(await admin.get(shown_at))  # not taken by the other session
+    assert secret != other_key
+    assert await key_count(web_server) == 2
+
+
+async def test_redis_holds_the_new_key_only_sealed_and_briefly(
+    admin: WebAdmin, web_server: RunningServer, prefix: str
+) -> None:
+    fields = await filled_form(admin, name="sealed", account_id="acct")
+    shown_at = (await admin.post("/keys", fields)).headers["location"]
+    client = web_server.store.client
+    reveals = [k async for k in client.scan_iter(match=f"{prefix}web:reveal:*")]
+    assert len(reveals) == 1
+    assert 0 < await client.pttl(reveals[0]) <= REVEAL_TTL_SECONDS * 1000
+    before = await everything_in_redis(client, prefix)
+    secret = secret_of(await admin.get(shown_at))
+    for part in (secret, secret.removeprefix("kr-"), fields["form_id"]):
+        assert part.encode() not in before
+    assert [k async for k in client.scan_iter(match=f"{prefix}web:reveal:*")] == []
+    assert secret.encode() not in await everything_in_redis(client, prefix)
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -249,11 +397,14 @@ def test_stored_fields_are_rendered_escaped() -> None:
         revoked_at=0,
         version=1,
     )
-    page = keys_page(records=[key], usage={}, month="2025-01", csrf='"csrf<', now=2)
-    for raw in ("<img", "<script>", '"csrf<'):
+    page = keys_page(
+        listing=page_of([key], 1), usage={}, month="2025-01", csrf='"csrf<', form_id="<f>", now=2
+    )
+    for raw in ("<img", "<script>", '"csrf<', "<f>"):
         assert raw not in page
     assert page.count(html.escape(evil)) >= 4
     assert "&quot;csrf&lt;" in page
+    assert 'name="form_id" value="&lt;f&gt;" autocomplete="off"' in page
 
 
 # -- revoke -------------------------------------------------------------------------------
@@ -314,3 +465,89 @@ async def test_revoke_of_an_unknown_key(
     assert response.status_code == status
     assert message in response.text
     assert "<script>" not in response.text
+
+
+# -- paging -------------------------------------------------------------------------------
+
+
+def listed_ids(page: str) -> list[str]:
+    return re.findall(r'<tr data-key="([^"]+)">', page)
+
+
+async def test_the_list_is_paged_newest_first(admin: WebAdmin, web_server: RunningServer) -> None:
+    service = web_server.service
+    made = [
+        (await service.create_key(f"k{i:03d}", Route("acct"), Limits())).key.key_id
+        for i in range(121)
+    ]
+    revoked = made.pop(60)
+    await service.revoke_key(revoked)  # not listed, not counted
+    # ListKeys' order reversed (by creation, to the millisecond: keys made in the same
+    # one are in the order of their ids).
+    listed, _ = await service.list_keys()
+    newest_first = [k.key_id for k in reversed(listed)]
+    assert sorted(newest_first) == sorted(made)
+
+    pages = []
+    for number in (1, 2, 3):
+        response = await admin.get(f"/keys?page={number}")
+        assert response.status_code == 200
+        pages.append(response.text)
+    assert [listed_ids(p) for p in pages] == [
+        newest_first[:PAGE_SIZE],
+        newest_first[PAGE_SIZE : 2 * PAGE_SIZE],
+        newest_first[2 * PAGE_SIZE :],
+    ]
+    assert len(listed_ids(pages[2])) == 20
+    assert revoked not in "".join(pages)
+    first, middle, last = pages
+    assert "Page 1 of 3" in first
+    assert "keys 1&ndash;50 of 120, newest first" in first
+    assert "keys 101&ndash;120 of 120" in last
+    assert re.findall(r'<a href="(/keys\?page=\d+)" rel="(\w+)"', first) == [
+        ("/keys?page=2", "next")
+    ]
+    assert re.findall(r'<a href="(/keys\?page=\d+)" rel="(\w+)"', middle) == [
+        ("/keys?page=1", "prev"),
+        ("/keys?page=3", "next"),
+    ]
+    assert re.findall(r'<a href="(/keys\?page=\d+)" rel="(\w+)"', last) == [
+        ("/keys?page=2", "prev")
+    ]
+    assert listed_ids((await admin.get("/keys")).text) == listed_ids(first)
+    # Every page has the create form (and its own one-time id).
+    assert len({form(p, "/keys")["form_id"] for p in pages}) == 3
+
+
+@pytest.mark.parametrize("page", ["4", "99", "9" * 19, "9" * 5000, "0004"])
+async def test_a_page_past_the_last_shows_the_last(
+    admin: WebAdmin, web_server: RunningServer, page: str
+) -> None:
+    for i in range(PAGE_SIZE + 1):
+        await web_server.service.create_key(f"k{i}", Route("acct"), Limits())
+    response = await admin.get(f"/keys?page={page}")
+    assert response.status_code == 200
+    assert "Page 2 of 2" in response.text
+    assert len(listed_ids(response.text)) == 1
+
+
+@pytest.mark.parametrize(
+    "page", ["0", "000", "-1", "-99999999999", "abc", "1.5", "1e3", "+2", " 2", "\uff12", "2,3"]
+)
+async def test_a_page_number_the_links_never_have_is_refused(
+    admin: WebAdmin, web_server: RunningServer, page: str
+) -> None:
+    await web_server.service.create_key("one", Route("acct"), Limits())
+    response = await admin.get("/keys?" + urlencode({"page": page}))
+    assert response.status_code == 400
+    assert "page must be a whole number from 1" in response.text
+    assert 'data-key="' not in response.text
+
+
+async def test_one_page_of_keys_has_no_pager(admin: WebAdmin, web_server: RunningServer) -> None:
+    for i in range(PAGE_SIZE):
+        await web_server.service.create_key(f"k{i}", Route("acct"), Limits())
+    page = (await admin.get("/keys?page=")).text
+    assert len(listed_ids(page)) == PAGE_SIZE
+    assert "Page 1 of" not in page
+    assert 'rel="next"' not in page

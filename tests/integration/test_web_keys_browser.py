@@ -1,7 +1,8 @@
 """Issue 11's browser test: a gateway key's whole life on the web page, used for real.
 
 In chromium (as ``test_web_browser``): log in, create a key with a limit on ``/keys``,
-read it from the one page that shows it, use it with the official SDK through a real
+read it from the one page that shows it (reloading that page shows it no more and
+creates no other key), use it with the official SDK through a real
 ``keyrelay gateway serve`` process (``[gateway.auth]``: it follows runtime keys;
 ``[gateway.limits]`` as its Redis ACL user, on the auth service's Redis and prefix, so
 its usage records are the ones the page reads), see its usage on the page, revoke it,
@@ -129,11 +130,28 @@ async def test_create_see_once_use_watch_and_revoke_a_key(
     await page.get_by_label("Requests/min").fill("100")
     await page.get_by_role("button", name="Create key").click()
     await expect(page.get_by_role("heading", name="The key, shown once")).to_be_visible()
+    # POST, redirect, GET: the page showing the key is a GET, its address carries no key.
+    assert page.url.startswith(f"{base}/keys/created?form="), page.url
     secret = (await page.locator("#new-key").text_content() or "").strip()
     assert secret.startswith("kr-"), secret
+    assert secret not in page.url
     await screenshot(page, "key-created")
 
-    await page.get_by_role("link", name="Done: back to the gateway keys").click()
+    # A reload re-sends no form: the key is not shown again and no other key is made.
+    shown_at = page.url
+    await page.reload()
+    await expect(page.get_by_role("heading", name="Already shown")).to_be_visible()
+    assert page.url == shown_at
+    assert secret not in await page.content()
+    keys, _ = await auth.service.list_keys(include_revoked=True)
+    assert [k.name for k in keys] == ["browser-key"]
+    await page.go_back()  # to the form page: a GET of /keys, not the POST again
+    await expect(page).to_have_url(f"{base}/keys")
+    await page.go_forward()
+    await expect(page.get_by_role("heading", name="Already shown")).to_be_visible()
+    assert len((await auth.service.list_keys(include_revoked=True))[0]) == 1
+
+    await page.get_by_role("link", name="Back to the gateway keys").click()
     await expect(page).to_have_url(f"{base}/keys")
     row = page.locator("tr", has_text="browser-key")
     await expect(row).to_contain_text("100 requests/min")

@@ -51,12 +51,10 @@ from keyrelay.auth.core.errors import (
 from keyrelay.auth.core.gateway_keys import (
     KeyChanges,
     KeyRecord,
-    Limits,
     Route,
     validate_changes,
     validate_expires_at,
     validate_key_id,
-    validate_limits,
     validate_name,
     validate_route,
 )
@@ -108,6 +106,7 @@ from keyrelay.auth.store.redis_store import (
 )
 from keyrelay.auth.store.usage_store import UsageStore
 from keyrelay.gateway.keys import key_hash, new_key
+from keyrelay.limit_rules import Limits
 from keyrelay.log_limit import LineLimiter
 from keyrelay.tracing import NOOP_TRACER, Tracer
 
@@ -870,8 +869,7 @@ class AuthService:
     ) -> CreatedKey:
         now = self._clock()
         name = validate_name(name)
-        route = validate_route(route)
-        limits = validate_limits(limits)
+        route = validate_route(route)  # limits: valid once they are a Limits
         expires_at = validate_expires_at(expires_at, now)
         secret = new_key()
         with self._store_errors:

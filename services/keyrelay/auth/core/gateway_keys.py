@@ -8,22 +8,46 @@ spells it) and what it accepts. The rules:
 - ``route.mode``: ``oauth`` (the default), ``api_key`` or ``auto``.
 - ``route.profile``/``route.upstream``: 1-64 letters, digits and ``._-``; default
   ``default``. Whether the gateway config defines them is the gateway's to check.
-- limits: ``keyrelay.limit_rules``, the rules the gateways enforce them by (unset:
-  no limit; zero refused: leave it unset, or revoke the key to stop it).
+- limits (``limits_from``): ``keyrelay.limit_rules.Limits``, the one definition, which
+  the gateways enforce (unset: no limit; zero refused: leave it unset, or revoke the
+  key to stop it). A ``Limits`` is valid by construction.
 - ``expires_at``: 0 (never) or a Unix time in the future, at most ``MAX_EXPIRES_AT``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from keyrelay import limit_rules as rules
 from keyrelay.auth.core.errors import InvalidArgument
 from keyrelay.auth.core.ids import validate_account_id
+from keyrelay.limit_rules import Limits, LimitsError
+
+# Limits is limit_rules' (not a copy): part of what a key is, so named here too.
+__all__ = [
+    "DEFAULT_MODE",
+    "DEFAULT_PROFILE",
+    "DEFAULT_UPSTREAM",
+    "KEY_ID",
+    "KEY_NAME",
+    "KEY_SHA256",
+    "LIMIT_FIELDS",
+    "MAX_EXPIRES_AT",
+    "MODES",
+    "ROUTE_NAME",
+    "KeyChanges",
+    "KeyRecord",
+    "Route",
+    "limits_from",
+    "validate_changes",
+    "validate_expires_at",
+    "validate_key_id",
+    "validate_name",
+    "validate_route",
+    "whole_tokens",
+]
 
 MODES: Final = ("oauth", "api_key", "auto")
 DEFAULT_MODE: Final = "oauth"
@@ -44,34 +68,6 @@ class Route:
     mode: str = DEFAULT_MODE
     profile: str = DEFAULT_PROFILE
     upstream: str = DEFAULT_UPSTREAM
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    amount: float
-    unit: str
-    period: str
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent_requests: int | None = None
-    budget: Budget | None = None
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {f: getattr(self, f) for f in LIMIT_FIELDS}
-        if self.budget is not None:
-            budget = self.budget
-            data["budget"] = {"amount": budget.amount, "unit": budget.unit, "period": budget.period}
-        return json.dumps({k: v for k, v in data.items() if v is not None}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Limits:
-        data: dict[str, Any] = json.loads(text) if text else {}
-        budget = data.pop("budget", None)
-        return cls(**data, budget=None if budget is None else Budget(**budget))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,28 +98,6 @@ class KeyChanges:
     route: Route | None = None
     limits: Limits | None = None
     expires_at: int | None = None
-
-    def fields(self) -> dict[str, str]:
-        """The stored fields these changes write (the store's hash layout)."""
-        fields: dict[str, str] = {}
-        if self.name is not None:
-            fields["name"] = self.name
-        if self.route is not None:
-            fields.update(route_fields(self.route))
-        if self.limits is not None:
-            fields["limits"] = self.limits.to_json()
-        if self.expires_at is not None:
-            fields["expires_at"] = str(self.expires_at)
-        return fields
-
-
-def route_fields(route: Route) -> dict[str, str]:
-    return {
-        "account_id": route.account_id,
-        "mode": route.mode,
-        "profile": route.profile,
-        "upstream": route.upstream,
-    }
 
 
 def validate_key_id(key_id: str) -> str:
@@ -161,24 +135,26 @@ def validate_route(route: Route) -> Route:
     return Route(route.account_id, mode, profile, upstream)
 
 
-def validate_limits(limits: Limits) -> Limits:
-    """The gateway's rules (``keyrelay.limit_rules``), so the auth service never
-    accepts limits a gateway would refuse to enforce; zero is refused there too
-    (leave a limit unset for none, or revoke the key to stop it)."""
-    data: dict[str, object] = {
-        name: getattr(limits, name) for name in LIMIT_FIELDS if getattr(limits, name) is not None
-    }
-    if limits.budget is not None:
-        budget = limits.budget
-        amount: object = budget.amount
-        if budget.unit == "tokens" and math.isfinite(budget.amount) and budget.amount.is_integer():
-            amount = int(budget.amount)  # a whole number of tokens, as the proto's double
-        data["budget"] = {"amount": amount, "unit": budget.unit, "period": budget.period}
+def limits_from(data: Mapping[str, object]) -> Limits:
+    """Limits as a request states them (plain values: the proto's fields, the web form's),
+    by the gateways' rules (``keyrelay.limit_rules``), so the auth service never accepts
+    limits a gateway would refuse to enforce; zero is refused there too (leave a limit
+    unset for none, or revoke the key to stop it). ``InvalidArgument`` names the field."""
     try:
-        rules.Limits.from_dict(data, where="limits")
-    except rules.LimitsError as exc:
+        return Limits.from_dict(whole_tokens(data), where="limits")
+    except LimitsError as exc:
         raise InvalidArgument(str(exc)) from None
-    return limits
+
+
+def whole_tokens(data: Mapping[str, object]) -> Mapping[str, object]:
+    """``data`` with a budget of a whole number of tokens given as a float (the proto's
+    double, or JSON an earlier version wrote from it) as the integer it is."""
+    budget = data.get("budget")
+    if isinstance(budget, Mapping) and budget.get("unit") == "tokens":
+        amount = budget.get("amount")
+        if isinstance(amount, float) and amount.is_integer():
+            return {**data, "budget": {**budget, "amount": int(amount)}}
+    return data
 
 
 def validate_expires_at(expires_at: int, now: float) -> int:
@@ -200,7 +176,7 @@ def validate_changes(changes: KeyChanges, now: float) -> KeyChanges:
     return KeyChanges(
         name=None if changes.name is None else validate_name(changes.name),
         route=None if changes.route is None else validate_route(changes.route),
-        limits=None if changes.limits is None else validate_limits(changes.limits),
+        limits=changes.limits,  # valid once it is a Limits (limits_from)
         expires_at=None
         if changes.expires_at is None
         else validate_expires_at(changes.expires_at, now),

@@ -22,12 +22,13 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
 from keyrelay.auth.core.errors import InvalidArgument
-from keyrelay.auth.core.gateway_keys import Budget, KeyChanges, KeyRecord, Limits, Route
+from keyrelay.auth.core.gateway_keys import KeyChanges, KeyRecord, Route, limits_from
 from keyrelay.auth.core.usage import UsageRow
 from keyrelay.auth.events import FellBehind, TooManySubscribers
 from keyrelay.auth.service import AuthService
 from keyrelay.auth.store.redis_store import AccountRecord, StoredEvent
 from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2, auth_pb2_grpc
+from keyrelay.limit_rules import Limits
 
 Context = aio.ServicerContext[Any, Any]
 log = logging.getLogger("keyrelay.auth.rpc")
@@ -97,15 +98,17 @@ def route_of(message: auth_pb2.KeyRoute) -> Route:
 
 
 def limits_of(message: auth_pb2.KeyLimits) -> Limits:
-    budget = message.budget
-    return Limits(
-        requests_per_minute=_optional(message, "requests_per_minute"),
-        tokens_per_minute=_optional(message, "tokens_per_minute"),
-        concurrent_requests=_optional(message, "concurrent_requests"),
-        budget=Budget(budget.amount, budget.unit, budget.period)
-        if message.HasField("budget")
-        else None,
-    )
+    """The limits a request states (unset: none); ``InvalidArgument`` naming the field
+    if a gateway could not enforce them (``limits_from``)."""
+    data: dict[str, object] = {
+        "requests_per_minute": _optional(message, "requests_per_minute"),
+        "tokens_per_minute": _optional(message, "tokens_per_minute"),
+        "concurrent_requests": _optional(message, "concurrent_requests"),
+    }
+    if message.HasField("budget"):
+        budget = message.budget
+        data["budget"] = {"amount": budget.amount, "unit": budget.unit, "period": budget.period}
+    return limits_from(data)
 
 
 def _optional(
@@ -141,7 +144,9 @@ def key_message(record: KeyRecord) -> auth_pb2.GatewayKey:
     if limits.budget is not None:
         budget = limits.budget
         message.limits.budget.CopyFrom(
-            auth_pb2.KeyBudget(amount=budget.amount, unit=budget.unit, period=budget.period)
+            auth_pb2.KeyBudget(
+                amount=budget.plain_amount, unit=budget.unit.value, period=budget.period.value
+            )
         )
     return message
 

@@ -3,9 +3,8 @@
 Keys (``P`` is the configured prefix)::
 
     P gwkey:<key_id>   hash   name, key_sha256, account_id, mode, profile, upstream,
-                              limits (JSON: keyrelay.auth.core.gateway_keys.Limits),
-                              created_at, updated_at, expires_at (0: never),
-                              revoked_at (0: live), version
+                              limits (JSON, below), created_at, updated_at,
+                              expires_at (0: never), revoked_at (0: live), version
     P gwkeys           zset   every key id ever created (revoked ones stay, for audit),
                               scored by its creation time (ms): ListKeys' order
     P gwkeys:sha256    hash   key_sha256 -> key_id: one key per hash, for good
@@ -17,23 +16,28 @@ stream, then writes: the checks read every key the script writes (a key of the
 wrong type fails them) and the append comes before the other writes, so a script
 that fails leaves nothing half-written, and no event is without its change. Each
 carries an operation key (``_ONCE``): a re-sent copy answers as the first run.
+
+``limits`` is ``keyrelay.limit_rules.Limits.to_dict()`` as JSON with sorted keys, the
+limits set only: ``{"budget": {"amount": 12.5, "period": "month", "unit": "usd"},
+"requests_per_minute": 60}``; ``{}`` for none. A budget's amount is in US dollars or
+tokens, as the admin RPC states it (not the micro-dollars ``Limits`` counts in), which
+is what every earlier version wrote and reads, so replicas of both can share a Redis.
+Read back, a whole number of tokens written as a float (by the version before) is the
+integer it is, and a USD amount under a micro-dollar (which the version before that
+accepted) is the smallest budget, a micro-dollar.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 from collections.abc import Sequence
 from typing import Final, cast
 
-from keyrelay.auth.core.gateway_keys import (
-    KeyChanges,
-    KeyRecord,
-    Limits,
-    Route,
-    route_fields,
-)
+from keyrelay.auth.core.gateway_keys import KeyChanges, KeyRecord, Route, whole_tokens
 from keyrelay.auth.store.redis_store import _ONCE, OPERATION_TTL_MS, RedisStore
+from keyrelay.limit_rules import MICRO_USD, Limits
 
 # KEYS: [1] key hash, [2] key ids (sorted set), [3] sha256 index, [4] event stream,
 #       [5] operation key
@@ -105,6 +109,48 @@ def _pairs(fields: dict[str, str]) -> list[str]:
     return [part for item in fields.items() for part in item]
 
 
+def stored_limits(limits: Limits) -> str:
+    """The ``limits`` field of a key's hash (module docstring)."""
+    return json.dumps(limits.to_dict(), sort_keys=True)
+
+
+def limits_of_stored(text: str, where: str = "stored limits") -> Limits:
+    """A key's ``limits`` field read back, as any version wrote it (module docstring).
+    ``LimitsError`` (naming ``where``) if it is not limits at all."""
+    data = json.loads(text) if text else {}
+    if isinstance(data, dict):
+        data = whole_tokens(data)
+        budget = data.get("budget")
+        if isinstance(budget, dict) and budget.get("unit") == "usd":
+            amount = budget.get("amount")
+            if isinstance(amount, int | float) and 0 < amount < 1 / MICRO_USD:
+                data = {**data, "budget": {**budget, "amount": 1 / MICRO_USD}}
+    return Limits.from_dict(data, where=where)
+
+
+def route_fields(route: Route) -> dict[str, str]:
+    return {
+        "account_id": route.account_id,
+        "mode": route.mode,
+        "profile": route.profile,
+        "upstream": route.upstream,
+    }
+
+
+def change_fields(changes: KeyChanges) -> dict[str, str]:
+    """The fields of a key's hash that ``changes`` write."""
+    fields: dict[str, str] = {}
+    if changes.name is not None:
+        fields["name"] = changes.name
+    if changes.route is not None:
+        fields.update(route_fields(changes.route))
+    if changes.limits is not None:
+        fields["limits"] = stored_limits(changes.limits)
+    if changes.expires_at is not None:
+        fields["expires_at"] = str(changes.expires_at)
+    return fields
+
+
 def _record(key_id: str, raw: dict[bytes, bytes]) -> KeyRecord:
     text = {k.decode(): v.decode() for k, v in raw.items()}
     return KeyRecord(
@@ -112,7 +158,7 @@ def _record(key_id: str, raw: dict[bytes, bytes]) -> KeyRecord:
         name=text["name"],
         key_sha256=text["key_sha256"],
         route=Route(text["account_id"], text["mode"], text["profile"], text["upstream"]),
-        limits=Limits.from_json(text["limits"]),
+        limits=limits_of_stored(text["limits"], f"gateway key {key_id}: stored limits"),
         created_at=int(text["created_at"]),
         updated_at=int(text["updated_at"]),
         expires_at=int(text["expires_at"]),
@@ -164,7 +210,7 @@ class KeyStore:
             "name": name,
             "key_sha256": key_sha256,
             **route_fields(route),
-            "limits": limits.to_json(),
+            "limits": stored_limits(limits),
             "created_at": str(record.created_at),
             "updated_at": str(record.updated_at),
             "expires_at": str(expires_at),
@@ -194,7 +240,7 @@ class KeyStore:
         self, key_id: str, changes: KeyChanges, *, expected_version: int | None, now: float
     ) -> int | Refused:
         """The new version, or why nothing changed."""
-        fields = {**changes.fields(), "updated_at": str(int(now))}
+        fields = {**change_fields(changes), "updated_at": str(int(now))}
         return await self._run_change(key_id, "updated", fields, expected_version, now)
 
     async def revoke_key(

@@ -18,8 +18,10 @@ handlers only translate (forms and query strings in, HTML out) and delegate.
 ``/disconnect``  POST   Disconnect
 ``/usage``       GET    the keys' usage of the last 30 days as an SVG chart
                         (``?metric=cost`` (default) or ``tokens``)
-``/keys``        GET    the live gateway keys: route, limits, expiry, this month's usage
-``/keys``        POST   CreateKey from the form; the answer is the one page showing the key
+``/keys``        GET    the live gateway keys, newest first, 50 a page (``?page=``):
+                        route, limits, expiry, this month's usage
+``/keys``        POST   CreateKey from the form (once per form), then 303 to:
+``/keys/created`` GET   the new key, shown once (``?form=``); a reload: "already shown"
 ``/keys/revoke`` GET    the confirmation page of ``?key_id=``; POST: RevokeKey
 ===============  =====  ==========================================================
 
@@ -28,17 +30,21 @@ when ``public_url`` is https; see ``sessions.py`` for what Redis keeps); every
 POST carries the session's CSRF token (the login form a pre-session one in a
 cookie of its own); pages are sent with a CSP that allows no script at all, and
 ``Referrer-Policy: no-referrer`` so the callback's address (it carries the
-code) never leaves in a Referer. Every answer is ``Cache-Control: no-store``:
-a new gateway key is only ever in the body of the create POST's answer (never
-in a redirect, a cookie, the session or a log line). The access log has the path only, never a
-query string. ``/callback`` needs no session: the OAuth ``state`` is the
-credential there, and it only exists for a flow an admin started here.
+code) never leaves in a Referer. Every answer is ``Cache-Control: no-store``.
+A new gateway key is only ever in the body of the first ``/keys/created`` view
+after its creation (POST, 303, GET: a reload re-sends no form); never in a URL, a
+cookie, the session or a log line, and in Redis only sealed, for minutes, under
+the form's id, which Redis does not hold (``sessions.py``). The access log has
+the path only, never a query string. ``/callback`` needs no session: the OAuth
+``state`` is the credential there, and it only exists for a flow an admin
+started here.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -52,6 +58,7 @@ from aiohttp.abc import AbstractAccessLogger
 from multidict import MultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from keyrelay.auth.config import AuthConfig, WebConfig
 from keyrelay.auth.core.codes import parse_pasted_code
@@ -70,8 +77,11 @@ from keyrelay.auth.service import AuthService
 from keyrelay.auth.web.keys_page import (
     FORM_FIELDS,
     key_created_page,
+    key_shown_before_page,
     keys_page,
+    page_of,
     parse_key_form,
+    parse_page,
     revoke_page,
 )
 from keyrelay.auth.web.pages import (
@@ -84,7 +94,13 @@ from keyrelay.auth.web.pages import (
     message_page,
     usage_page,
 )
-from keyrelay.auth.web.sessions import PendingFlow, Session, SessionStore, caller_fingerprint
+from keyrelay.auth.web.sessions import (
+    FormResult,
+    PendingFlow,
+    Session,
+    SessionStore,
+    caller_fingerprint,
+)
 from keyrelay.configfile import host_port
 from keyrelay.usage_layout import UsageRecord
 
@@ -96,6 +112,7 @@ LOGIN_COOKIE = "keyrelay_login"
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_FORM_BYTES = 64 * 1024
 USAGE_DAYS = 30  # the usage page's chart
+FORM_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
 
 # The usual gRPC → HTTP mapping (as grpc-gateway does it).
 HTTP_STATUS: Mapping[type[AuthError], int] = {
@@ -200,6 +217,7 @@ class WebApp:
         app.router.add_get("/usage", self.usage)
         app.router.add_get("/keys", self.keys)
         app.router.add_post("/keys", self.create_key)
+        app.router.add_get("/keys/created", self.key_created)
         app.router.add_get("/keys/revoke", self.revoke_confirm)
         app.router.add_post("/keys/revoke", self.revoke_key)
         return app
@@ -548,6 +566,7 @@ class WebApp:
         self,
         session: Session,
         *,
+        page: int = 1,
         status: int = 200,
         values: Mapping[str, str] | None = None,
         error: str | None = None,
@@ -557,10 +576,11 @@ class WebApp:
         usage = await self._month_usage(now)
         session, flashes = await self._take_flashes(session)
         body = keys_page(
-            records=records,
+            listing=page_of(records, page),
             usage=usage,
             month=time.strftime("%Y-%m", time.gmtime(now)),
             csrf=session.csrf,
+            form_id=secrets.token_urlsafe(24),
             flashes=flashes,
             values=values,
             error=error,
@@ -569,10 +589,27 @@ class WebApp:
         return html_response(body, status)
 
     async def keys(self, request: web.Request) -> web.Response:
-        return await self._keys(await self._viewer(request))
+        session = await self._viewer(request)
+        try:
+            page = parse_page(request.query.get("page"))
+        except InvalidArgument as exc:
+            raise PageError(400, "No such page", str(exc)) from None
+        return await self._keys(session, page=page)
 
     async def create_key(self, request: web.Request) -> web.Response:
+        """POST, redirect, GET: this creates the key (once per form) and sends the browser
+        to the page that shows it, so a reload there re-sends no form."""
         session, form = await self._post(request)
+        form_id = _field(form, "form_id")
+        if not FORM_ID.match(form_id):
+            raise PageError(400, "Reload the page", _NO_FORM_ID)
+        shown = "/keys/created?form=" + form_id
+        if not await self._sessions.claim_form(session, form_id):
+            # Sent before (a double click, a re-sent POST): the first one's key, if any.
+            if await self._sessions.form_result(session, form_id) is None:
+                await self._sessions.add_flash(session.key, Flash("error", _FORM_USED))
+                raise web.HTTPSeeOther("/keys")
+            raise web.HTTPSeeOther(shown)
         values = {name: _field(form, name) for name in FORM_FIELDS}
         try:
             wanted = parse_key_form(values, time.time())
@@ -580,9 +617,37 @@ class WebApp:
                 wanted.name, wanted.route, wanted.limits, wanted.expires_at
             )
         except AuthError as exc:
+            await self._sessions.release_form(session, form_id)
             return await self._keys(session, status=http_status(exc), values=values, error=str(exc))
-        # The only time the key exists outside the caller: this answer's body (no-store).
-        return html_response(key_created_page(created.key, created.secret, csrf=session.csrf))
+        key = created.key
+        try:
+            await self._sessions.settle_form(
+                session, form_id, FormResult(key.key_id, key.name), created.secret
+            )
+        except RedisError as exc:
+            log.error(
+                "a new gateway key could not be held for showing",
+                extra={"key_id": key.key_id, "error": type(exc).__name__},
+            )
+            text = _NOT_HELD.format(name=key.name, id=key.key_id)
+            raise PageError(503, "Key not shown", text) from None
+        raise web.HTTPSeeOther(shown)
+
+    async def key_created(self, request: web.Request) -> web.Response:
+        """The new key the first time (from the sealed reveal, taken now), then "already
+        shown" (410): a reload neither shows it again nor creates another."""
+        session = await self._viewer(request)
+        form_id = request.query.get("form", "")
+        result = None
+        if FORM_ID.match(form_id):
+            result = await self._sessions.form_result(session, form_id)
+        if result is None:
+            raise PageError(404, "No new key", _NO_NEW_KEY)
+        record = await self._service.get_key(result.key_id)  # before the reveal is taken
+        secret = await self._sessions.take_key(session, form_id, result.key_id)
+        if secret is None:
+            return html_response(key_shown_before_page(record, csrf=session.csrf), 410)
+        return html_response(key_created_page(record, secret, csrf=session.csrf))
 
     async def revoke_confirm(self, request: web.Request) -> web.Response:
         session = await self._viewer(request)
@@ -608,6 +673,22 @@ class WebApp:
 _CSRF_FAILED = (
     "This form did not come from this page or has expired (CSRF check failed): "
     "reload the page and try again."
+)
+_NO_FORM_ID = (
+    "This form has no valid one-time id (it may come from an older page): reload the "
+    "page and fill it in again. No key was created."
+)
+_FORM_USED = (
+    "That form was already sent, and no key was made from it (refused, or still being "
+    "made): check the list below before you create the key again."
+)
+_NOT_HELD = (
+    "Gateway key {name} ({id}) was created, but it could not be held for showing (the "
+    "store did not answer), so nobody has it: revoke it and create another."
+)
+_NO_NEW_KEY = (
+    "There is no new key to show here: this address belongs to another session, or the "
+    "key it showed was created long ago. Keys are shown once, right after they are created."
 )
 _STATE_UNKNOWN = (
     "state mismatch: this address does not belong to a connection started on this page, "

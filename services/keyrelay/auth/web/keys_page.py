@@ -1,5 +1,10 @@
-"""The web page's gateway keys (issue 11): the list, the create form, the key shown once,
-the revoke confirmation. Pure functions, no I/O, escaping as in ``pages``.
+"""The web page's gateway keys (issue 11): the list (a page of it), the create form, the
+key shown once, the revoke confirmation. Pure functions, no I/O, escaping as in ``pages``.
+
+The list is newest first, ``PAGE_SIZE`` keys a page, ``/keys?page=N`` (1-based):
+:func:`parse_page` refuses what the page's links never send (``InvalidArgument``),
+and :func:`page_of` shows the last page for a number past it (keys were revoked
+meanwhile, or the number is huge).
 
 :func:`parse_key_form` turns the create form into what ``AuthService.create_key``
 takes; what it cannot read (a limit that is not a whole number, say) is an
@@ -11,27 +16,37 @@ the values kept.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from keyrelay.auth.core.errors import InvalidArgument
-from keyrelay.auth.core.gateway_keys import LIMIT_FIELDS, Budget, KeyRecord, Limits, Route
+from keyrelay.auth.core.gateway_keys import LIMIT_FIELDS, KeyRecord, Route, limits_from
 from keyrelay.auth.web.pages import Flash, Html, flash_list, join, page, render, when
-from keyrelay.limit_rules import BUDGET_PERIODS, BUDGET_UNITS
+from keyrelay.limit_rules import BUDGET_PERIODS, BUDGET_UNITS, Limits
 from keyrelay.usage_layout import UsageRecord
 
 __all__ = [
     "FORM_FIELDS",
+    "PAGE_SIZE",
     "KeyForm",
+    "KeysPage",
     "field_of",
     "key_created_page",
+    "key_shown_before_page",
     "keys_page",
     "limits_in_words",
+    "page_of",
     "parse_key_form",
+    "parse_page",
     "revoke_page",
 ]
 
+PAGE_SIZE: Final = 50
+_DIGITS = re.compile(r"^[0-9]+$")
+_HUGE_PAGE: Final = 10**18  # more digits are not parsed: past the last page anyway
 DAY_SECONDS = 86_400
 MAX_EXPIRY_DAYS = 36_500  # a hundred years: "never" is the empty field
 _NONE = Html("&ndash;")
@@ -77,9 +92,10 @@ def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
     """The form's values (stripped strings) as ``create_key``'s arguments.
 
     Empty limits are unset; a budget is set by its amount (unit and period then
-    apply); an empty expiry is "never". Ranges are the service's to check."""
-    limits = {field: _whole(values, field) for field in LIMIT_FIELDS}
-    budget = None
+    apply); an empty expiry is "never". The limits are checked here, by the rules
+    ``CreateKey`` applies (``limits_from``: the same messages); the name, route and
+    expiry's ranges are the service's to check."""
+    limits: dict[str, object] = {field: _whole(values, field) for field in LIMIT_FIELDS}
     amount_text = values.get("budget_amount", "")
     if amount_text:
         try:
@@ -91,7 +107,12 @@ def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
                 f"limits.budget.amount must be a number (got {amount_text[:32]!r}); "
                 "leave it empty for no budget"
             )
-        budget = Budget(amount, values.get("budget_unit", ""), values.get("budget_period", ""))
+        limits["budget"] = {
+            "amount": amount,
+            "unit": values.get("budget_unit", ""),
+            "period": values.get("budget_period", ""),
+        }
+    checked = limits_from(limits)
     days = _whole(values, "expires_days")
     if days is not None and not 1 <= days <= MAX_EXPIRY_DAYS:
         raise InvalidArgument(
@@ -101,9 +122,43 @@ def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
     return KeyForm(
         name=values.get("name", ""),
         route=Route(account_id=values.get("account_id", "")),
-        limits=Limits(**limits, budget=budget),
+        limits=checked,
         expires_at=0 if days is None else int(now) + days * DAY_SECONDS,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class KeysPage:
+    """One page of the list: its keys, its number (1-based) and how many there are."""
+
+    records: Sequence[KeyRecord]
+    number: int
+    pages: int
+    total: int
+
+
+def parse_page(text: str | None) -> int:
+    """``?page=``: absent or empty is 1; a whole number from 1 (ASCII digits only),
+    however large (``page_of`` keeps it to the last page); anything else (a sign, a
+    fraction, a word) is ``InvalidArgument``."""
+    if not text:
+        return 1
+    digits = text.lstrip("0")
+    if not _DIGITS.match(text) or not digits:
+        raise InvalidArgument(
+            f"page must be a whole number from 1, as the page's links have it (got {text[:32]!r})"
+        )
+    return int(digits) if len(digits) < len(str(_HUGE_PAGE)) else _HUGE_PAGE
+
+
+def page_of(records: Sequence[KeyRecord], number: int, size: int = PAGE_SIZE) -> KeysPage:
+    """Page ``number`` of ``records`` (oldest first, as ``ListKeys`` has them), newest
+    first; past the last page: the last page."""
+    pages = max(1, -(-len(records) // size))
+    number = min(max(number, 1), pages)
+    newest_first = records[::-1]
+    start = (number - 1) * size
+    return KeysPage(newest_first[start : start + size], number, pages, len(records))
 
 
 def field_of(message: str) -> str:
@@ -125,17 +180,14 @@ def limits_in_words(limits: Limits) -> str:
         parts.append(f"{limits.concurrent_requests:,} concurrent")
     budget = limits.budget
     if budget is not None:
-        amount = (
-            f"${budget.amount:,.2f}" if budget.unit == "usd" else f"{budget.amount:,.0f} tokens"
-        )
-        parts.append(f"budget {amount} a {budget.period}")
+        parts.append(f"budget {budget.shown(budget.amount)} a {budget.period}")
     return ", ".join(parts) or "no limits"
 
 
 def _usage_cells(record: KeyRecord, usage: Mapping[str, UsageRecord] | None) -> Html:
     """This month's requests, tokens and cost of the key, or why there are none."""
     found = None if usage is None else usage.get(record.key_sha256)
-    if found is None and usage is not None and record.limits != Limits():
+    if found is None and usage is not None and not record.limits.unlimited:
         found = UsageRecord()  # limited, and nothing recorded this month yet
     if found is None:
         why = "not available" if usage is None else "not recorded (no limits)"
@@ -166,17 +218,47 @@ def _key_row(record: KeyRecord, usage: Mapping[str, UsageRecord] | None, now: fl
     )
 
 
-def _keys_table(
-    records: Sequence[KeyRecord], usage: Mapping[str, UsageRecord] | None, now: float
-) -> Html:
-    if not records:
+def _keys_table(listing: KeysPage, usage: Mapping[str, UsageRecord] | None, now: float) -> Html:
+    if not listing.total:
         return Html('<p class="muted">No gateway key has been created here yet.</p>')
-    rows = join(_key_row(r, usage, now) for r in records)
+    rows = join(_key_row(r, usage, now) for r in listing.records)
     return render(
         '<table id="keys"><thead><tr><th>Id</th><th>Name</th><th>Route</th><th>Limits</th>'
         "<th>Expires</th><th>Requests</th><th>Tokens</th><th>Cost</th><th></th></tr></thead>"
-        "<tbody>$rows</tbody></table>",
+        "<tbody>$rows</tbody></table>$pager",
         rows=rows,
+        pager=_pager(listing),
+    )
+
+
+def _pager(listing: KeysPage) -> Html:
+    """Previous/next links and where this page is (nothing when one page holds them all)."""
+    if listing.pages == 1:
+        return Html("")
+    number = listing.number
+    previous = (
+        render('<a href="/keys?page=$n" rel="prev">&larr; Previous</a>', n=number - 1)
+        if number > 1
+        else Html("")
+    )
+    following = (
+        render('<a href="/keys?page=$n" rel="next">Next &rarr;</a>', n=number + 1)
+        if number < listing.pages
+        else Html("")
+    )
+    first = (number - 1) * PAGE_SIZE + 1
+    return render(
+        '<nav class="pager" aria-label="Pages of keys"><p>$previous '
+        '<span id="page-of">Page $number of $pages</span> '
+        '<span class="muted">(keys $first&ndash;$last of $total, newest first)</span> '
+        "$following</p></nav>",
+        previous=previous,
+        following=following,
+        number=number,
+        pages=listing.pages,
+        first=first,
+        last=first + len(listing.records) - 1,
+        total=f"{listing.total:,}",
     )
 
 
@@ -211,17 +293,19 @@ def _select(field: str, options: Sequence[str], values: Mapping[str, str], inval
     )
 
 
-def _create_form(csrf: str, values: Mapping[str, str], invalid: str) -> Html:
+def _create_form(csrf: str, form_id: str, values: Mapping[str, str], invalid: str) -> Html:
     number = {"inputmode": "numeric", "size": "8"}
     return render(
         '<form method="post" action="/keys" id="create-key">'
         '<input type="hidden" name="csrf" value="$csrf">'
+        '<input type="hidden" name="form_id" value="$form_id" autocomplete="off">'
         "<p>$name $account</p><p>$rpm $tpm $concurrent</p><p>$budget $unit $period</p>"
         '<p>$expires <button type="submit">Create key</button></p></form>'
         '<p class="muted">Empty limits mean no limit; usage is recorded only for keys with '
         "a limit. The key routes to the account's OAuth token (mode oauth, profile and "
         "upstream <code>default</code>; <code>keyrelay keys new</code> sets the others).</p>",
         csrf=csrf,
+        form_id=form_id,
         name=_input("name", values, invalid, required="", maxlength="64", size="20"),
         account=_input("account_id", values, invalid, required="", maxlength="128", size="20"),
         rpm=_input("requests_per_minute", values, invalid, **number),
@@ -236,17 +320,20 @@ def _create_form(csrf: str, values: Mapping[str, str], invalid: str) -> Html:
 
 def keys_page(
     *,
-    records: Sequence[KeyRecord],
+    listing: KeysPage,
     usage: Mapping[str, UsageRecord] | None,
     month: str,
     csrf: str,
+    form_id: str,
     flashes: Sequence[Flash] = (),
     values: Mapping[str, str] | None = None,
     error: str | None = None,
     now: float | None = None,
 ) -> Html:
-    """The list and the create form. ``usage``: this month's per key hash (None: not
-    available); ``values``/``error``: a refused form shown again with its message."""
+    """A page of the list, and the create form. ``usage``: this month's per key hash
+    (None: not available); ``form_id``: the form's one-time id (a second submission of
+    it creates nothing); ``values``/``error``: a refused form shown again with its
+    message."""
     now = time.time() if now is None else now
     form_flashes = flash_list([Flash("error", error)]) if error else Html("")
     note = (
@@ -265,15 +352,16 @@ def keys_page(
         "<section><h2>Gateway keys</h2>$note$table</section>",
         flashes=flash_list(flashes),
         form_flashes=form_flashes,
-        form=_create_form(csrf, values or {}, field_of(error or "")),
+        form=_create_form(csrf, form_id, values or {}, field_of(error or "")),
         note=note,
-        table=_keys_table(records, usage, now),
+        table=_keys_table(listing, usage, now),
     )
     return page("Gateway keys", body, csrf=csrf)
 
 
 def key_created_page(record: KeyRecord, secret: str, *, csrf: str) -> Html:
-    """The one page that ever shows the key: sent as the answer to the create POST."""
+    """The one page that ever shows the key: the first view of ``/keys/created`` after
+    the create POST (which redirects there; a reload gets ``key_shown_before_page``)."""
     body = render(
         '<div class="flash ok" role="status">Created gateway key $name ($id).</div>'
         '<section><h2>The key, shown once</h2><p><code id="new-key">$secret</code></p>'
@@ -287,6 +375,28 @@ def key_created_page(record: KeyRecord, secret: str, *, csrf: str) -> Html:
         limits=limits_in_words(record.limits),
     )
     return page("Key created", body, csrf=csrf)
+
+
+def key_shown_before_page(record: KeyRecord, *, csrf: str) -> Html:
+    """``/keys/created`` once the key was shown (or its few minutes to be shown passed)."""
+    body = render(
+        "<section><h2>Already shown</h2><p>Gateway key <strong>$name</strong> (<code>$id"
+        "</code>) was shown once, right after it was created (or the few minutes to show "
+        "it passed), and cannot be shown again: keyrelay keeps only its SHA-256. No new "
+        "key was created.</p>"
+        "<p>If you did not copy it, revoke it and create another.</p>"
+        '<p><a href="/keys">Back to the gateway keys</a>$revoke</p></section>',
+        name=record.name,
+        id=record.key_id,
+        revoke=Html("")
+        if record.revoked
+        else render(
+            ' · <a href="/keys/revoke?key_id=$id">Revoke $name…</a>',
+            id=record.key_id,
+            name=record.name,
+        ),
+    )
+    return page("Key already shown", body, csrf=csrf)
 
 
 def revoke_page(record: KeyRecord, *, csrf: str) -> Html:
