@@ -407,6 +407,38 @@ def command_calls(server: RedisServer) -> dict[str, int]:
     }
 
 
+async def test_count_tokens_counts_against_the_key_s_limits(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """count_tokens reaches the upstream (its own rate limit there), so a key's
+    requests/min covers it as it covers messages; it records a request, no tokens."""
+    server = RedisServer(tmp_path / "redis", acl_user=GATEWAY_USER).start()
+    key = new_key()
+    gateway = await in_process(
+        limits_config(tmp_path, server, upstream, {key: {"requests_per_minute": 3}})
+    )
+    try:
+        await minute_with_room(5, 60)
+        async with sdk(gateway.url, key) as client:
+            for _ in range(2):
+                counted = await client.messages.count_tokens(
+                    model="claude-test", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert counted.input_tokens == 42  # (the fake upstream's count)
+            await client.messages.create(**SIMPLE)  # the third request of the minute
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await client.messages.count_tokens(
+                    model="claude-test", messages=[{"role": "user", "content": "hi"}]
+                )
+            assert refused.value.response.headers["x-keyrelay-ratelimit-remaining"] == "0"
+        record = await day_usage(server, key, 3)
+        assert record.requests == 3
+        assert record.input_tokens == STREAM_USAGE.input_tokens  # the message's alone
+    finally:
+        await gateway.stop()
+        server.stop()
+
+
 async def test_a_key_without_limits_makes_no_redis_call(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:

@@ -28,6 +28,8 @@ from keyrelay.gateway.core.ratelimit import Subject, counted_tokens, micro_usd, 
 from keyrelay.gateway.core.usage import Usage
 from keyrelay.gateway.limits_store import (
     ACL_COMMANDS,
+    GRANT_SECONDS,
+    GRANT_TICKETS,
     LimitsStore,
     LimitsUnavailable,
     UsageRecord,
@@ -223,7 +225,7 @@ async def test_leases_of_a_worker_that_never_finishes_expire(acl_redis: RedisSer
 # -- finish: idempotent, exact ----------------------------------------------------------
 
 
-async def test_finish_twice_counts_once(
+async def test_finish_records_usage_by_kind(
     store: LimitsStore, reader: LimitsStore, direct: redis.Redis
 ) -> None:
     key = subject(tokens_per_minute=1000, concurrent_requests=5)
@@ -231,8 +233,8 @@ async def test_finish_twice_counts_once(
     assert admission.lease is not None
     usage = Usage(100, 50, 10, 7)
     assert await store.finish(admission.lease, usage, 0.25, NOW + 2)
-    assert not await store.finish(admission.lease, usage, 0.25, NOW + 3)
     assert counter(direct, key, "tpm") == 160
+    assert leases(direct, key) == 0
     assert await day_usage(reader, key) == UsageRecord(
         requests=1,
         input_tokens=100,
@@ -400,12 +402,18 @@ async def test_every_acl_command_is_needed(
     narrow = LimitsStore.from_url(url, prefix=PREFIX, timeout=2.0)
     every_limit = Limits(9, 9, 9, Budget(9, BudgetUnit.TOKENS, Period.DAY))
     key = Subject("key", f"narrow-{secrets.token_hex(4)}", every_limit)
+    # Limits large enough for a grant: its tickets taken, then given back.
+    large = Limits(10_000, 10**6, 10_000, Budget(10**6, BudgetUnit.TOKENS, Period.DAY))
+    busy = Subject("key", f"busy-{secrets.token_hex(4)}", large)
 
     async def everything() -> None:
         await narrow.ping()  # the health check's command
         admission = await narrow.admit([key], NOW)
         assert admission.lease is not None
         await narrow.finish(admission.lease, Usage(1, 1), 0.1, NOW)
+        assert (await narrow.admit([busy], NOW)).lease is not None
+        assert narrow.tickets_held > 0
+        await narrow.give_back()
 
     try:
         with pytest.raises(LimitsUnavailable, match=r"NOPERM|can.t run"):
@@ -486,3 +494,214 @@ async def test_a_thousand_keys(
     assert (await day_usage(reader, account)).requests == 1000
     on_day = await reader.subjects_on(window(Period.DAY, NOW).label)
     assert {(k.kind, k.id) for k in [*keys, account]} <= set(on_day)
+
+
+# -- grants: admissions held ahead, never past a limit ------------------------------------
+
+
+# A gateway passes each route's subjects tuple (the same object every time); so do
+# these tests: the store keeps its plans and grants by that tuple.
+
+
+def script_calls(direct: redis.Redis) -> int:
+    stats = direct.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0))
+
+
+async def test_a_busy_key_is_admitted_with_tickets(store: LimitsStore, direct: redis.Redis) -> None:
+    """Large limits: most admissions need no call; every ticket is counted first, and
+    what is not used goes back."""
+    key = subject(requests_per_minute=100_000, concurrent_requests=10_000)
+    route = (key,)  # (a route's subjects: one tuple, as the gateway keeps)
+    before = script_calls(direct)
+    admissions = []
+    for _ in range(300):
+        admissions.append(await store.admit(route, NOW))
+        await asyncio.sleep(0)  # (refills run between admissions, as between requests)
+    assert all(a.lease is not None for a in admissions)
+    calls = sum(a.round_trip for a in admissions)
+    assert calls <= 10, calls  # 64 tickets a grant, refilled below 16
+    assert script_calls(direct) - before <= 12
+    held = store.tickets_held
+    assert held > 0
+    # Counted: every admission and every ticket held; leased: the same (none finished).
+    assert counter(direct, key, "rpm") == 300 + held
+    assert leases(direct, key) == 300 + held
+    assert len({a.lease.id for a in admissions if a.lease}) == 300
+    for a in admissions:
+        assert a.lease is not None
+        store.record(a.lease, Usage(1, 1), 0.0, NOW)
+    await store.give_back()
+    assert store.tickets_held == 0
+    await store.close()  # sends what is queued
+    assert counter(direct, key, "rpm") == 300
+    assert leases(direct, key) == 0
+
+
+async def test_ticket_headers_count_down(store: LimitsStore) -> None:
+    key = subject(requests_per_minute=1_000)  # a grant of (1000 - 1) // 64 = 15
+    route = (key,)
+    first = await store.admit(route, NOW)
+    assert first.round_trip
+    remaining = [
+        int(dict((await store.admit(route, NOW)).headers)[b"x-keyrelay-ratelimit-remaining"])
+        for _ in range(5)
+    ]
+    assert remaining == sorted(remaining, reverse=True)
+    assert len(set(remaining)) == 5
+    assert all(900 <= value < 999 for value in remaining)
+
+
+@pytest.mark.parametrize("limits", [{"requests_per_minute": 127}, {"concurrent_requests": 100}])
+async def test_small_limits_get_no_tickets(
+    store: LimitsStore, direct: redis.Redis, limits: dict[str, int]
+) -> None:
+    """A limit under 2 x GRANT_SHARE is checked in the store at every admission."""
+    key = subject("key", **limits)
+    route = (key,)
+    admissions = [await store.admit(route, NOW) for _ in range(20)]
+    assert all(a.round_trip and a.lease is not None for a in admissions)
+    assert store.tickets_held == 0
+
+
+async def test_two_workers_with_tickets_admit_exactly_the_limit(
+    acl_redis: RedisServer, direct: redis.Redis
+) -> None:
+    """Tickets are counted before they are used: two workers taking turns admit
+    exactly the limit, and each is refused only once the other holds nothing."""
+    key = subject(requests_per_minute=1_000)
+    route = (key,)
+    workers = [
+        LimitsStore.from_url(acl_redis.acl_url, prefix=PREFIX, timeout=2.0) for _ in range(2)
+    ]
+    try:
+        admitted = [0, 0]
+        refused = [False, False]
+        while not all(refused):
+            for i, worker in enumerate(workers):
+                admission = await worker.admit(route, NOW)
+                refused[i] = admission.lease is None
+                admitted[i] += admission.lease is not None
+                await asyncio.sleep(0)
+        assert sum(admitted) == 1_000, admitted
+        assert min(admitted) > 100  # both took part
+        assert [w.tickets_held for w in workers] == [0, 0]
+        assert counter(direct, key, "rpm") == 1_000
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_tickets_stop_early_for_usage_limits(store: LimitsStore) -> None:
+    """Tokens are known only at the end: tickets are used while the tokens read plus
+    this worker's own since are under 1/GRANT_SHARE of the limit (what other
+    workers use meanwhile goes unseen); then every admission asks the store."""
+    key = subject(requests_per_minute=100_000, tokens_per_minute=64_000)
+    route = (key,)
+    first = await store.admit(route, NOW)
+    assert first.lease is not None
+    assert first.round_trip
+    second = await store.admit(route, NOW)
+    assert second.lease is not None
+    assert not second.round_trip  # a ticket
+    store.record(second.lease, Usage(input_tokens=999), 0.0, NOW)
+    assert not (await store.admit(route, NOW)).round_trip  # 999 x 64 < 64,000
+    store.record(second.lease, Usage(input_tokens=1), 0.0, NOW)  # now at 1/64
+    third = await store.admit(route, NOW)
+    assert third.round_trip
+
+
+async def test_tickets_go_back_when_they_expire(store: LimitsStore, direct: redis.Redis) -> None:
+    key = subject(requests_per_minute=100_000, concurrent_requests=10_000)
+    route = (key,)
+    now = time.time()  # (the grant's timer runs on the loop's clock)
+    admission = await store.admit(route, now)
+    assert admission.lease is not None
+    assert store.tickets_held > 0
+    assert counter(direct, key, "rpm", now) > 1
+    await asyncio.sleep(GRANT_SECONDS + 0.3)
+    assert store.tickets_held == 0
+    assert counter(direct, key, "rpm", now) == 1
+    assert leases(direct, key) == 1  # the admission's own lease
+
+
+async def test_a_re_sent_grant_keeps_its_tickets(
+    acl_redis: RedisServer, direct: redis.Redis
+) -> None:
+    """The admit script granted tickets, its reply was lost, the call was re-sent:
+    the tickets are the same ones (from the lease mark), none counted twice."""
+    async with ReplyDroppingProxy("127.0.0.1", acl_redis.port) as proxy:
+        url = proxy.url.replace("redis://", f"redis://gateway:{PASSWORD}@")
+        through = LimitsStore.from_url(url, prefix=PREFIX, timeout=2.0)
+        key = subject(requests_per_minute=100_000, concurrent_requests=10_000)
+        route = (key,)
+        try:
+            warm = await through.admit([subject(requests_per_minute=1)], NOW)  # loads it
+            assert warm.lease is not None
+            proxy.drop_reply_after(through._admit.sha.encode())
+            admission = await through.admit(route, NOW)
+            assert admission.lease is not None
+            assert proxy.dropped == 1
+            held = through.tickets_held
+            assert held == GRANT_TICKETS
+            assert counter(direct, key, "rpm") == 1 + held
+            await through.give_back()
+        finally:
+            await through.close()
+    assert counter(direct, key, "rpm") == 1
+    assert leases(direct, key) == 1
+
+
+# -- finishes in batches -------------------------------------------------------------------
+
+
+async def test_finishes_go_in_batches(
+    store: LimitsStore, reader: LimitsStore, direct: redis.Redis
+) -> None:
+    key = subject(requests_per_minute=100, concurrent_requests=100)
+    route = (key,)
+    admissions = [await store.admit(route, NOW) for _ in range(50)]
+    before = script_calls(direct)
+    results = await asyncio.gather(
+        *(store.finish(a.lease, Usage(10, 2), 0.001, NOW) for a in admissions if a.lease)
+    )
+    assert results == [True] * 50
+    assert script_calls(direct) - before == 1  # one batch
+    record = await day_usage(reader, key)
+    assert (record.requests, record.input_tokens, record.output_tokens) == (50, 500, 100)
+    assert record.cost_usd == pytest.approx(0.05)
+    assert leases(direct, key) == 0
+    assert store.finishes_pending == 0
+
+
+async def test_waiting_finishes_are_bounded(tmp_path: Path) -> None:
+    """The store stopped: at most max_finishes wait; the rest are dropped at once and
+    told; those waiting are dropped once their retries are over (or at close)."""
+    server = RedisServer(tmp_path / "redis", acl_user=GATEWAY_USER).start()
+    dropped: list[tuple[int, str]] = []
+    store = LimitsStore.from_url(
+        server.acl_url,
+        prefix=PREFIX,
+        timeout=0.3,
+        max_finishes=5,
+        on_dropped=lambda count, reason: dropped.append((count, reason)),
+    )
+    key = subject(requests_per_minute=100)
+    route = (key,)
+    try:
+        admission = await store.admit(route, NOW)
+        assert admission.lease is not None
+        server.stop()
+        taken = [store.record(admission.lease, Usage(1), 0.0, NOW) for _ in range(8)]
+        assert taken == [True] * 5 + [False] * 3
+        assert dropped == [(1, "full")] * 3
+        assert store.finishes_pending == 5
+        with pytest.raises(LimitsUnavailable, match="max_finishes"):
+            await store.finish(admission.lease, Usage(1), 0.0, NOW)
+    finally:
+        started = time.monotonic()
+        await store.close()
+        assert time.monotonic() - started < 2.0  # bounded: no retry pause at close
+        server.stop()
+    assert store.finishes_pending == 0
+    assert (5, "unavailable") in dropped

@@ -269,8 +269,9 @@ async def test_the_store_loads_its_scripts_again_after_a_flush(server: RedisServ
         assert first.lease is not None
         assert second.lease is not None
         assert second.decision.checks[0].used == 1
-        assert await store.finish(second.lease, Usage(1), 0.0, NOW)
-        assert not await store.finish(second.lease, Usage(1), 0.0, NOW)  # counted once
+        with server.client() as admin:
+            admin.script_flush()
+        assert await store.finish(second.lease, Usage(1), 0.0, NOW)  # loaded again too
     finally:
         await store.close()
 
@@ -390,6 +391,11 @@ async def test_nothing_listening_backs_off() -> None:
     [
         (b"+OK\r\n", "admit"),
         (b"*2\r\n:1\r\n$1\r\nx\r\n", "admit"),
+        (b"*5\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n", "admit"),  # no ticket count
+        (b"*6\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n:129\r\n", "admit"),  # > GRANT_TICKETS
+        (b"*6\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n:-1\r\n", "admit"),
+        (b"*1\r\n:2\r\n", "admit"),  # a re-sent copy's reply without its tickets
+        (b"*2\r\n:3\r\n:0\r\n", "admit"),
         (b":7\r\n", "finish"),
         (b"-ERR boom\r\n", "finish"),
     ],
@@ -397,7 +403,7 @@ async def test_nothing_listening_backs_off() -> None:
 async def test_the_store_refuses_unexpected_replies(
     fake: Any, reply: bytes, operation: str
 ) -> None:
-    good_admit = b"*5\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n"
+    good_admit = b"*6\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n:0\r\n"
 
     def answer(command: list[bytes]) -> bytes:
         admit = command[1] == store._admit.sha.encode()

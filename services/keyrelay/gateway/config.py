@@ -507,12 +507,15 @@ def parse_gateway_config(
             ),
         )
         key.reject_unknown()
+    # An account no config key names is a typo, unless runtime keys (which need
+    # [gateway.auth]) may name it: then its limits wait for them.
     used_accounts = {route.account for route in routes.values()}
     for account in accounts_section.data:
-        if account not in used_accounts:
+        if account not in used_accounts and auth is None:
             raise ConfigError(
                 f"{accounts_section.key(account)}: no [[keys]] entry has account = {account!r}"
-                f"{close_match(account, sorted(a for a in used_accounts if a))}"
+                f"{close_match(account, sorted(a for a in used_accounts if a))} (and without "
+                "[gateway.auth] no runtime key can)"
             )
     config = GatewayConfig(
         routes=routes,

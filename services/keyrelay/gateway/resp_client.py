@@ -56,6 +56,7 @@ __all__ = [
 DEFAULT_MAX_PENDING: Final = 10_000
 BACKOFF_FIRST: Final = 0.05
 BACKOFF_MAX: Final = 1.0
+FLUSH_CALLS: Final = 256  # calls held for one send at most (see _Connection.add)
 
 Reply: TypeAlias = Union[int, bytes, "ReplyError", list["Reply"], None]
 
@@ -171,12 +172,18 @@ class _Connection(asyncio.Protocol):
 
     # -- sending -------------------------------------------------------------------------
 
-    def add(self, call: _Call, data: bytes) -> None:
+    def add(self, call: _Call, data: bytes, *, hold: bool = False) -> None:
         self.pending.append(call)
         self.out.append(data)
         # Written at the end of this loop iteration, with every other call of it: one
         # send for all (a send per call was the client's largest cost in the gateway).
-        if not self.flush_scheduled and self.transport is not None:
+        # A call that may ``hold`` waits, while written calls await their replies, for
+        # the next call that may not or for those replies (at most FLUSH_CALLS held).
+        if (
+            not self.flush_scheduled
+            and self.transport is not None
+            and (not hold or len(self.pending) == len(self.out) or len(self.out) >= FLUSH_CALLS)
+        ):
             self.flush_scheduled = True
             self._loop.call_soon(self.flush)
         if self.timer is None:
@@ -243,6 +250,9 @@ class _Connection(asyncio.Protocol):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+        if self.out and len(pending) == len(self.out) and not self.flush_scheduled:
+            self.flush_scheduled = True  # every written call answered: the held ones go
+            self._loop.call_soon(self.flush)
 
     def eof_received(self) -> bool:
         return False  # closes the transport: connection_lost follows
@@ -316,6 +326,7 @@ class RespClient:
         *,
         resend: bool = False,
         deadline: float | None = None,
+        hold: bool = False,
     ) -> asyncio.Future[Reply]:
         """Sends one command (``data``: RESP, from ``encode``); the future has the reply,
         a ``ReplyError``, or ``RedisUnavailable`` by ``deadline`` (loop time; default
@@ -333,7 +344,7 @@ class RespClient:
                 f"(max_pending = {self.max_pending}): the store is too slow for this load"
             )
         future: asyncio.Future[Reply] = loop.create_future()
-        conn.add((future, data, deadline, resend), data)
+        conn.add((future, data, deadline, resend), data, hold=hold)
         return future
 
     async def execute(self, *args: bytes | str | int) -> Reply:

@@ -80,6 +80,18 @@ def test_a_runtime_key_becomes_a_route_of_the_configs_profile_and_upstream() -> 
     assert len(book) == 1
 
 
+def test_an_account_only_runtime_keys_use_has_its_limits() -> None:
+    """With [gateway.auth], [accounts.<id>.limits] may name an account no config key
+    uses: runtime keys of that account get them."""
+    cfg = config(accounts={"ops": {"limits": {"requests_per_minute": 30}}})
+    book = KeyBook(cfg)
+    book.put(key(account="ops"))
+    found = book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert found is not None
+    (account_subject,) = [s for s in found[0].subjects if s.kind == "account"]
+    assert (account_subject.id, account_subject.limits) == ("ops", Limits(requests_per_minute=30))
+
+
 def test_without_limits_anywhere_there_are_no_subjects() -> None:
     book = KeyBook(config(store=False))
     book.put(key())

@@ -128,7 +128,8 @@ def test_bad_account_limits_name_the_account() -> None:
         ),
         (
             config_data(store=STORE, accounts={"tema": {"limits": {"requests_per_minute": 1}}}),
-            r"^accounts\.tema: no \[\[keys\]\] entry has account = 'tema'; did you mean 'team'\?",
+            r"^accounts\.tema: no \[\[keys\]\] entry has account = 'tema'; did you mean 'team'\? "
+            r"\(and without \[gateway\.auth\] no runtime key can\)",
         ),
         (
             config_data(store=STORE, accounts={"team": {"limit": {}}}),

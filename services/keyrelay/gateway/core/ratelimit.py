@@ -172,7 +172,20 @@ def micro_usd(cost: float | None) -> int:
     """A cost in USD as whole micro-dollars (half to even); ``None`` (unpriced) is 0."""
     if cost is None or not math.isfinite(cost) or cost <= 0:
         return 0
+    scaled = cost * 1_000_000
+    if scaled < _FAST_SCALED:
+        whole = math.floor(scaled)
+        fraction = scaled - whole
+        # Far from a half, the float product rounds as the decimal one does (its
+        # error is under 1e-7 here); near one, the exact decimal decides.
+        if abs(fraction - 0.5) > _NEAR_HALF:
+            return whole + (fraction > 0.5)
     return int((Decimal(repr(cost)) * MICRO_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+# Below 1e9 micro-dollars a float product is within 1e9 * 2**-52 (< 3e-7) of exact.
+_FAST_SCALED: Final = 1e9
+_NEAR_HALF: Final = 1e-6
 
 
 # -- decisions ---------------------------------------------------------------------------
@@ -292,6 +305,8 @@ class Decision:
 
     @property
     def refused_by(self) -> Check | None:
+        if self.admitted:  # (admitted means every check passed)
+            return None
         failed = [check for check in self.checks if not check.passed]
         if not failed:
             return None
@@ -317,13 +332,18 @@ class Decision:
         refused = self.refused_by
         if refused is not None or not self.checks:
             return refused
-        windowed = [check for check in self.checks if check.reset_at is not None] or list(
-            self.checks
-        )
-        return min(
-            windowed,
-            key=lambda check: (check.remaining(self.admitted) / check.limit, check.reset_at or 0),
-        )
+        # The smallest remaining share among windowed checks (all, when none is),
+        # the earlier reset first: a plain loop, as this runs for every request.
+        windowed = any(check.reset_at is not None for check in self.checks)
+        best: Check | None = None
+        best_key = (0.0, 0)
+        for check in self.checks:
+            if windowed and check.reset_at is None:
+                continue
+            key = (check.remaining(self.admitted) / check.limit, check.reset_at or 0)
+            if best is None or key < best_key:
+                best, best_key = check, key
+        return best
 
     def headers(self) -> tuple[tuple[str, str], ...]:
         """``x-keyrelay-ratelimit-{limit,remaining,reset}``; none without limits."""

@@ -109,10 +109,6 @@ _MAX_KNOWN_KEYS: Final = 4096
 # step: a step and the event it completed go out in one send, uncut; only a
 # larger single read is cut.
 _SEND_BYTES: Final = 128 << 10
-# A finish the limits store did not take is sent again after these pauses (it
-# counts once however often it arrives); shutdown waits this long for the rest.
-_FINISH_RETRIES: Final = (1.0, 4.0)
-_FINISH_DRAIN_SECONDS: Final = 2.0
 _STORE_LOG_INTERVAL: Final = 10.0  # seconds between two store-error lines of one operation
 _NO_USAGE: Final = Usage()
 
@@ -216,10 +212,8 @@ class GatewayApp:
         # (The process holds upstream keys and tokens anyway; these are no more secret.)
         self._known_keys: dict[str, tuple[Route, float]] = {}
         self._known_version = 0
-        # The limits store, made at startup (its connections belong to the loop);
-        # the finishes under way (referenced, so none is collected half-done).
+        # The limits store, made at startup (its connection belongs to the loop).
         self.limits: LimitsStore | None = None
-        self._finishing: set[asyncio.Task[None]] = set()
         self._store_lines: LineLimiter[str] = LineLimiter(_STORE_LOG_INTERVAL)
 
     # -- ASGI -----------------------------------------------------------------
@@ -251,7 +245,9 @@ class GatewayApp:
                 prefix=limits.key_prefix,
                 timeout=limits.timeout_seconds,
                 observe=self.metrics.observe_store,
+                on_dropped=self._usage_dropped,
             )
+            self.metrics.watch_limits_store(self.limits)
         if self._token_client is not None:
             self.tokens = self._token_client()
             self.metrics.watch_token_cache(self.tokens)
@@ -269,13 +265,8 @@ class GatewayApp:
         await self.upstreams.close()
         if self.tokens is not None:
             await self.tokens.close()
-        if self._finishing:
-            # Bounded: a store call gives up within its timeout; a retry's pause is cut.
-            _, pending = await asyncio.wait(self._finishing, timeout=_FINISH_DRAIN_SECONDS)
-            for task in pending:
-                task.cancel()
         if self.limits is not None:
-            await self.limits.close()
+            await self.limits.close()  # bounded: sends what it holds, waits its timeout
         if self.access_writer is not None:
             self.access_writer.flush()
 
@@ -380,10 +371,10 @@ class GatewayApp:
             if watcher is not None:
                 watcher.cancel()
             cost = self._record(outcome, request_id, time.perf_counter() - started)
-            if outcome.lease is not None:
+            if outcome.lease is not None and self.limits is not None:
                 usage = outcome.usage
-                self._finish_later(
-                    outcome.lease, usage or _NO_USAGE, 0.0 if usage is None else cost
+                self.limits.record(
+                    outcome.lease, usage or _NO_USAGE, 0.0 if usage is None else cost, time.time()
                 )
 
     def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
@@ -482,7 +473,7 @@ class GatewayApp:
         outcome: Outcome,
     ) -> None:
         body = _decode(raw)
-        if route.subjects and path == MESSAGES:
+        if route.subjects:  # messages and count_tokens alike (see README, "Limits")
             await self._admit(route, outcome)
         credential = await self._credential(route)
         outcome.billing = credential.billing
@@ -614,7 +605,7 @@ class GatewayApp:
                 ) from None
             return
         decision = admission.decision
-        outcome.limit_headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
+        outcome.limit_headers = list(admission.headers)
         if admission.lease is not None:
             outcome.lease = admission.lease
             m.tally.inc(m.limit_decisions_for(route.name, "allowed", "-"))
@@ -634,28 +625,16 @@ class GatewayApp:
             retry_after=decision.retry_after,
         )
 
-    def _finish_later(self, lease: Lease, usage: Usage, cost: float | None) -> None:
-        """Records what an admitted request used, after its answer: a task of its own
-        that the app keeps, so neither a client gone nor the request's end cancels it."""
-        loop = self._loop or asyncio.get_running_loop()
-        task = loop.create_task(self._finish(lease, usage, cost, time.time()))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-
-    async def _finish(self, lease: Lease, usage: Usage, cost: float | None, now: float) -> None:
-        store, config = self.limits, self.config.limits
-        assert store is not None
-        assert config is not None
-        for pause in (*_FINISH_RETRIES, None):
-            try:
-                await store.finish(lease, usage, cost, now)
-            except LimitsUnavailable as exc:
-                if pause is None:  # given up: the usage is lost, the lease expires
-                    self._store_trouble("finish", exc, config.on_store_error)
-                    return
-                await asyncio.sleep(pause)
-            else:
-                return
+    def _usage_dropped(self, count: int, reason: str) -> None:
+        """The limits store gave up recording ``count`` requests' usage (their leases
+        expire): counted, and told at most once per ``_STORE_LOG_INTERVAL``."""
+        self.metrics.limits_usage_dropped.labels(reason).inc(count)
+        config = self.config.limits
+        policy = config.on_store_error if config is not None else "-"
+        detail = f"{count} usage records dropped: " + (
+            "too many waiting" if reason == "full" else "the store did not take them"
+        )
+        self._store_trouble("finish", LimitsUnavailable(detail), policy)
 
     def _store_trouble(self, operation: str, exc: LimitsUnavailable, policy: str) -> None:
         """A warning line, at most one per operation per ``_STORE_LOG_INTERVAL``

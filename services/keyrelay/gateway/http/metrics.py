@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from keyrelay.gateway.http.upstream import WAIT_BUCKETS, PoolStats
+from keyrelay.gateway.limits_store import LimitsStore
 from keyrelay.log_limit import LineLimiter
 
 M = TypeVar("M", Counter, Histogram)
@@ -185,6 +186,25 @@ class GatewayMetrics:
             ["operation"],
             registry=r,
         )
+        self.limits_usage_dropped = Counter(
+            "keyrelay_gateway_limits_usage_dropped",
+            "Usage records (and lease releases) of finished requests the limits store never "
+            "took, by reason (full: too many waiting; unavailable: not taken after retries); "
+            "their leases expire",
+            ["reason"],
+            registry=r,
+        )
+        self.limits_finishes_pending = Gauge(
+            "keyrelay_gateway_limits_finishes_pending",
+            "Usage records of finished requests not yet taken by the limits store "
+            "(queued, in flight, or waiting to be sent again); at most max_finishes",
+            registry=r,
+        )
+        self.limits_tickets_held = Gauge(
+            "keyrelay_gateway_limits_tickets_held",
+            "Admissions this worker holds ahead (grants of the limits store), unused",
+            registry=r,
+        )
         self.runtime_keys = Gauge(
             "keyrelay_gateway_runtime_keys",
             "Keys created at runtime (on the auth service) this worker serves",
@@ -224,6 +244,11 @@ class GatewayMetrics:
             self._store_seconds_for(operation).observe(seconds)
         if outcome == "error":
             self._store_errors_for(operation).inc()
+
+    def watch_limits_store(self, store: LimitsStore) -> None:
+        """The store's finishes waiting and tickets held, read at scrape time."""
+        self.limits_finishes_pending.set_function(lambda: store.finishes_pending)
+        self.limits_tickets_held.set_function(lambda: store.tickets_held)
 
     def watch_token_cache(self, cache: TokenCacheCounts) -> None:
         """Exports the cache's own counters at scrape time (nothing on the hot path)."""
