@@ -246,6 +246,22 @@ async def test_finish_records_usage_by_kind(
     )
 
 
+async def test_a_batch_counts_from_its_requests_clock(
+    store: LimitsStore, direct: redis.Redis
+) -> None:
+    """Expiries are durations from when the requests ended (the gateway's clock that
+    chose their windows), not from when the batch went out: a batch of a worker
+    whose clock is minutes behind keeps its counters (they were expired at once
+    when the script counted from the send time: this failed in CI, where the
+    tests' NOW was minutes away from the clock by then)."""
+    behind = NOW - 600
+    key = subject(tokens_per_minute=1000)
+    admission = await store.admit([key], behind)
+    assert admission.lease is not None
+    assert await store.finish(admission.lease, Usage(10, 5), 0.0, behind)
+    assert counter(direct, key, "tpm", behind) == 15
+
+
 async def test_unpriced_and_unlimited(store: LimitsStore, reader: LimitsStore) -> None:
     free = subject()
     admission = await store.admit([free], NOW)

@@ -240,8 +240,9 @@ return 1
 # KEYS: [1] the batch's mark, then per group: the day's index of subjects, then per
 #       subject (4 each): tokens-minute counter, leases zset, day usage hash, month
 #       usage hash
-# ARGV: [1] FINISH_MARK_MS, [2] now (epoch ms), [3] the number of groups; then per
-#       group: subjects, requests, when they expire (epoch ms): the tokens-minute
+# ARGV: [1] FINISH_MARK_MS, [2] the number of groups; then per group: subjects,
+#       requests, its now (epoch ms: when its last request ended, the clock its
+#       expiries are from), when they expire (epoch ms): the tokens-minute
 #       counters, the day hashes and the index, the month hashes; then per subject
 #       (3 each): '1' if tokens/min limited, '1' if it holds leases, its index
 #       member; then per request its lease id and usage, 7 integers separated by
@@ -252,15 +253,14 @@ return 1
 # one HINCRBY per field and hash, one ZREM of all its leases.
 _FINISH = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-local now = tonumber(ARGV[2])
 local fields = {'input_tokens', 'output_tokens', 'cache_creation_input_tokens',
   'cache_read_input_tokens', 'tokens', 'cost_micro_usd', 'unpriced'}
-local k, a = 2, 4
-for g = 1, tonumber(ARGV[3]) do
-  local n, requests = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local ttl = {tonumber(ARGV[a + 2]) - now, tonumber(ARGV[a + 3]) - now,
-    tonumber(ARGV[a + 4]) - now}
-  local subject_a = a + 5
+local k, a = 2, 3
+for g = 1, tonumber(ARGV[2]) do
+  local n, requests, now = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local ttl = {tonumber(ARGV[a + 3]) - now, tonumber(ARGV[a + 4]) - now,
+    tonumber(ARGV[a + 5]) - now}
+  local subject_a = a + 6
   local request_a = subject_a + 3 * n
   local sum, ids = {0, 0, 0, 0, 0, 0, 0}, {}
   for j = 0, requests - 1 do
@@ -430,6 +430,7 @@ class _Group:
     usage (RESP bulk strings), and who waits for it."""
 
     plan: _Plan
+    now: float  # when its last request ended: the script's expiries count from it
     requests: list[bytes] = field(default_factory=list)
     waiters: list[asyncio.Future[bool] | None] = field(default_factory=list)
 
@@ -606,6 +607,11 @@ class LimitsStore:
             observe=observe,
             on_dropped=on_dropped,
         )
+
+    @property
+    def client(self) -> RespClient:
+        """The store's connection (the pools' cool-downs share it)."""
+        return self._client
 
     @property
     def key_prefix(self) -> str:
@@ -1029,7 +1035,9 @@ class LimitsStore:
             grant.micro_usd += cost
         group = self._queued.get(id(plan))
         if group is None or group.plan is not plan:
-            group = self._queued[id(plan)] = _Group(plan)
+            group = self._queued[id(plan)] = _Group(plan, now)
+        elif now > group.now:
+            group.now = now
         group.requests.append(
             bulk(lease.id.encode())
             + bulk(
@@ -1084,15 +1092,19 @@ class LimitsStore:
         count, self._queued_count = self._queued_count, 0
         keys: list[bytes] = []
         args: list[bytes] = []
-        n_keys, n_args = 1, 3
+        n_keys, n_args = 1, 2
         for group in groups:
             plan, requests = group.plan, len(group.requests)
             keys.append(plan.finish_keys)
-            args.append(bulk(b"%d" % len(plan.subjects)) + bulk(b"%d" % requests))
+            args.append(
+                bulk(b"%d" % len(plan.subjects))
+                + bulk(b"%d" % requests)
+                + bulk(b"%d" % _ms(group.now))
+            )
             args.append(plan.finish_args)
             args += group.requests
             n_keys += plan.finish_key_count
-            n_args += 2 + plan.finish_arg_count + 2 * requests
+            n_args += 3 + plan.finish_arg_count + 2 * requests
         batch = f"batch-{self._lease_id()}".encode()
         command = b"".join(
             (
@@ -1100,7 +1112,6 @@ class LimitsStore:
                 bulk(self._lease_prefix + batch),
                 *keys,
                 _FINISH_MARK,
-                bulk(b"%d" % _ms(time.time())),
                 bulk(b"%d" % len(groups)),
                 *args,
             )
