@@ -1,14 +1,18 @@
-"""What limits cost a request: the same route with and without limits, side by side.
+"""What limits and pools cost a request: the same route with and without them, side by side.
 
-One ``keyrelay gateway serve`` with two ``api_key`` routes to the fast fake
-upstream (``bench/fast_upstream.py``): ``plain`` without limits, and ``limited``
+One ``keyrelay gateway serve`` with three routes to the fast fake upstream
+(``bench/fast_upstream.py``): ``plain`` (one API key, no limits); ``limited``
 with requests/min, tokens/min and concurrent requests all set (high enough never
-to refuse), so each request makes both store calls (admit, then finish) against a
-real Redis on loopback, as the gateway's ACL user. The load generator, the
-measurement windows and the rounds in which the two routes take turns are
+to refuse), counted in a real Redis on loopback as the gateway's ACL user
+(tickets and batched usage: ``gateway/limits_store.py``); and ``pool of 3``, a
+key naming a pool of three API keys (affinity: each request's session is a
+checksum of its body, then the members are ranked). The load generator, the
+measurement windows and the rounds in which the routes take turns are
 ``bench/gateway.py``'s. Printed: non-stream req/s and req/s per gateway core at
 c=32, p50 at c=1, and the targets of issue 11 (limited >= 0.8x per core, and at
-most +0.2 ms p50 at c=1).
+most +0.2 ms p50 at c=1) and issue 12 (choosing a member adds at most 10 us of
+gateway CPU per request: the difference of CPU per request, pool vs plain, at
+c=32).
 
 Run from the repository root::
 
@@ -27,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -68,6 +73,7 @@ from tests.support.redis_server import AclUser, RedisServer, free_port  # noqa: 
 PREFIX = "bench:"
 RATIO_TARGET = 0.8  # limited req/s per core at c=32 / the same route without limits
 ADDED_P50_TARGET_MS = 0.2  # limited p50 at c=1 minus the route's without limits
+POOL_ADDED_US_TARGET = 10.0  # issue 12: choosing a member, gateway CPU per request
 # Set, so every check and counter runs, and never reached.
 LIMITS = {
     "requests_per_minute": 10**9,
@@ -89,11 +95,28 @@ def start_limited_gateway(
     redis_url: str,
     *,
     redis_py: bool = False,
-) -> tuple[Target, Target]:
+) -> tuple[Target, ...]:
     plain, limited = Route("plain", new_key()), Route("limited", new_key())
+    pooled = Route("pooled", new_key())
     port = free_port()
-    data = gateway_config(upstream_url, port, [plain, limited])
+    routes = [plain, limited] if redis_py else [plain, limited, pooled]
+    data = gateway_config(upstream_url, port, routes)
     data["keys"][1]["limits"] = LIMITS
+    if not redis_py:
+        # A pool of three API-key members (the same fast upstream), affinity: every
+        # request computes its session from the body and ranks the members.
+        pool_key: dict[str, Any] = data["keys"][2]
+        for field in ("mode", "api_key"):
+            del pool_key[field]
+        pool_key["pool"] = "bench"
+        data["pools"] = {
+            "bench": {
+                "members": [
+                    {"name": f"member-{i}", "api_key": {"env": f"{API_KEY_ENV}_{i}"}}
+                    for i in range(3)
+                ]
+            }
+        }
     url_file = tmp / "limits-url"
     url_file.write_text(redis_url + "\n")
     url_file.chmod(0o600)
@@ -102,16 +125,20 @@ def start_limited_gateway(
     config = tmp / f"{name}.toml"
     config.write_bytes(tomli_w.dumps(data).encode())
     env = {**os.environ, API_KEY_ENV: "sk-bench-" + "0" * 32}
+    env.update({f"{API_KEY_ENV}_{i}": f"sk-bench-{i}-" + "0" * 30 for i in range(3)})
     argv = [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)]
     if redis_py:
         argv = [sys.executable, __file__, "--serve-redis-py", str(config)]
     gateway = _spawn(stack, name, argv, tmp / f"{name}.log", stdout=subprocess.DEVNULL, env=env)
     url = wait_serving(gateway, port)
     suffix = " (redis-py)" if redis_py else ""
-    return (
+    targets = [
         Target(f"no limits{suffix}", url, client_headers(plain.key), gateway),
         Target(f"limited{suffix}", url, client_headers(limited.key), gateway),
-    )
+    ]
+    if not redis_py:
+        targets.append(Target("pool of 3", url, client_headers(pooled.key), gateway))
+    return tuple(targets)
 
 
 def print_rows(low: Sequence[Result], high: Sequence[Result]) -> None:
@@ -151,6 +178,14 @@ def print_rows(low: Sequence[Result], high: Sequence[Result]) -> None:
             f"({limited_core:.0f} vs {plain_core:.0f}; req/s {limited_32.rate:.0f} vs "
             f"{plain_32.rate:.0f})"
         )
+    pool_core = high[2].per_core
+    if pool_core and plain_core:
+        added_us = (1 / pool_core - 1 / plain_core) * 1e6
+        print(
+            f"{mark(added_us <= POOL_ADDED_US_TARGET)} pool of 3 (affinity): gateway CPU added "
+            f"per request at c={HIGH_CONCURRENCY} <= {POOL_ADDED_US_TARGET:g} us: "
+            f"{added_us:+.1f} us ({1e6 / pool_core:.1f} vs {1e6 / plain_core:.1f} us a request)"
+        )
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
@@ -167,7 +202,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     upstream, upstream_url = start_upstream(stack, tmp, 4096)
     paths = list(start_limited_gateway(stack, tmp, upstream_url, redis.acl_url))
     if args.redis_py:
-        paths += start_limited_gateway(stack, tmp, upstream_url, redis.acl_url, redis_py=True)[1:]
+        paths += start_limited_gateway(stack, tmp, upstream_url, redis.acl_url, redis_py=True)[1:2]
     gateway = paths[0].proxy
     assert gateway is not None
     bench = Bench(load, gateway, upstream, args)

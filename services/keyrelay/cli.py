@@ -70,6 +70,13 @@ def cmd_gateway_serve(args: argparse.Namespace) -> int:
 def cmd_keys_config_entry(args: argparse.Namespace) -> int:
     from keyrelay.gateway.keys import config_entry, new_key
 
+    if args.pool is not None:
+        raise CliError(
+            "--config-entry prints a [[keys]] block for an account; for a pool, write "
+            'pool = "NAME" in the block instead of account (see the README\'s gateway config)'
+        )
+    if args.account is None:
+        raise CliError("--config-entry needs --account")
     if args.mode or args.profile or args.upstream or _limits_given(args) or args.expires:
         raise CliError(
             "--config-entry prints a [[keys]] block with the defaults; set mode, profile, "
@@ -389,10 +396,26 @@ def _limits(args: argparse.Namespace, base: auth_pb2.KeyLimits | None = None) ->
     return limits
 
 
-def _route(args: argparse.Namespace, base: auth_pb2.KeyRoute | None = None) -> auth_pb2.KeyRoute:
+def key_route(args: argparse.Namespace, base: auth_pb2.KeyRoute | None = None) -> auth_pb2.KeyRoute:
+    """The key's route: ``base`` (the key's as it is) with the flags given applied. A
+    pool (``--pool``) replaces the account and mode, and an account or a mode replaces
+    the pool: a key routes to one credential or to a pool's members, not both."""
+    own = [f"--{flag}" for flag in ("account", "mode") if getattr(args, flag) is not None]
+    if args.pool is not None and own:
+        raise CliError(
+            f"--pool: a key names a pool or its own credential, not both: leave out "
+            f"{' and '.join(own)}"
+        )
     route = auth_pb2.KeyRoute()
     if base is not None:
         route.CopyFrom(base)
+    if args.pool is not None:
+        route.pool = args.pool
+        route.ClearField("account_id")
+        route.ClearField("mode")
+    elif own and route.pool:  # from the pool to a credential of its own
+        route.ClearField("pool")
+        route.ClearField("mode")
     for flag, field in (
         ("account", "account_id"),
         ("mode", "mode"),
@@ -432,8 +455,8 @@ def format_keys(keys: Sequence[auth_pb2.GatewayKey], now: float) -> str:
     rows = [("KEY ID", "NAME", "ROUTE", "LIMITS", "EXPIRES", "STATUS")]
     for k in keys:
         r = k.route
-        route = f"{r.account_id or '-'} {r.mode or 'oauth'} {r.profile or 'default'}"
-        route += f"@{r.upstream or 'default'}"
+        credential = f"pool {r.pool}" if r.pool else f"{r.account_id or '-'} {r.mode or 'oauth'}"
+        route = f"{credential} {r.profile or 'default'}@{r.upstream or 'default'}"
         expires = (
             time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(k.expires_at)) if k.expires_at else "never"
         )
@@ -461,10 +484,12 @@ def _print_json(value: object) -> None:
 def cmd_keys_new(args: argparse.Namespace) -> int:
     if args.config_entry:
         return cmd_keys_config_entry(args)
+    if (args.account is None) == (args.pool is None):
+        raise CliError("keys new needs --account NAME or --pool NAME (one of the two)")
     stub, md = _stub(args)
     request = auth_pb2.CreateKeyRequest(
-        name=args.name or args.account,
-        route=_route(args),
+        name=args.name or args.account or args.pool,
+        route=key_route(args),
         limits=_limits(args),
         expires_at=parse_expiry(args.expires, time.time()) if args.expires else 0,
     )
@@ -504,8 +529,9 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
         request = auth_pb2.UpdateKeyRequest(key_id=args.key_id, expected_version=key.version)
         if args.name is not None:
             request.name = args.name
-        if any(getattr(args, f) is not None for f in ("account", "mode", "profile", "upstream")):
-            request.route.CopyFrom(_route(args, key.route))
+        route_flags = ("account", "mode", "profile", "upstream", "pool")
+        if any(getattr(args, f) is not None for f in route_flags):
+            request.route.CopyFrom(key_route(args, key.route))
         if _limits_given(args):
             request.limits.CopyFrom(_limits(args, key.limits))
         if args.expires is not None:
@@ -536,7 +562,12 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def _add_key_flags(parser: argparse.ArgumentParser, *, new: bool) -> None:
     parser.add_argument(
         "--name",
-        help="label for logs, metrics and usage" + (" (default: the account)" if new else ""),
+        help="label for logs, metrics and usage"
+        + (" (default: the account, or the pool)" if new else ""),
+    )
+    parser.add_argument(
+        "--pool",
+        help="a pool of the gateway config ([pools.NAME]) instead of an account and a mode",
     )
     parser.add_argument(
         "--mode", choices=("oauth", "api_key", "auto"), help="default oauth" if new else None
@@ -660,6 +691,64 @@ def _add_usage_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     usage.set_defaults(func=cmd_usage)
 
 
+# -- pools -------------------------------------------------------------------
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    from keyrelay.gateway.config import load_gateway_config
+    from keyrelay.gateway.pool_status import (
+        StoreUnreachable,
+        format_pools,
+        pools_json,
+        read_pools,
+    )
+
+    path = args.config or os.environ.get("KEYRELAY_CONFIG")
+    if not path:
+        raise CliError("no config: pass --config GATEWAY_TOML or set KEYRELAY_CONFIG")
+    if not args.timeout > 0:
+        raise CliError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+    config = load_gateway_config(path, os.environ)
+    if not config.pools:
+        if args.json:
+            _print_json([])
+        else:
+            print(f"no pools in {path} ([pools.<name>])")
+        return 0
+    try:
+        pools = asyncio.run(read_pools(config, wait_seconds=args.timeout))
+    except StoreUnreachable as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    if args.json:
+        _print_json(pools_json(pools, now))
+    else:
+        print(format_pools(pools, now))
+    return 0
+
+
+def _add_pools_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pools = verbs.add_parser(
+        "pools",
+        help="a gateway config's pools: each member and whether it cools down now",
+        description=(
+            "Each pool of the gateway config with its members (id, name, mode, account) "
+            "and their state now: cooling until when (a 429, 529 or overloaded answer), "
+            "or available, read from the limits store's Redis ([gateway.limits]) that "
+            "every gateway worker shares. Exit status 1 when that store does not answer."
+        ),
+    )
+    pools.add_argument("--config", help="the gateway's TOML config (default: $KEYRELAY_CONFIG)")
+    pools.add_argument("--json", action="store_true", help="print JSON")
+    pools.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        help="seconds to wait for the limits store (default 2)",
+    )
+    pools.set_defaults(func=cmd_pools)
+
+
 # -- wiring ------------------------------------------------------------------
 
 
@@ -675,7 +764,7 @@ def _add_keys_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     keys_new = keys_verbs.add_parser(
         "new", help="create a gateway key on the auth service (every gateway takes it at once)"
     )
-    keys_new.add_argument("--account", required=True, help="account the key routes to")
+    keys_new.add_argument("--account", help="account the key routes to (or --pool)")
     _add_key_flags(keys_new, new=True)
     keys_new.add_argument(
         "--config-entry",
@@ -691,7 +780,7 @@ def _add_keys_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     keys_list.set_defaults(func=cmd_keys_list)
     keys_update = keys_verbs.add_parser("update", help="change a key's name, route, limits, expiry")
     keys_update.add_argument("key_id")
-    keys_update.add_argument("--account", help="account the key routes to")
+    keys_update.add_argument("--account", help="account the key routes to (replaces a pool)")
     _add_key_flags(keys_update, new=False)
     keys_update.add_argument("--no-limits", action="store_true", help="remove every limit")
     _add_client_flags(keys_update)
@@ -734,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_keys_verbs(verbs)
     _add_usage_verb(verbs)
+    _add_pools_verb(verbs)
 
     dev = verbs.add_parser("dev", help="run the whole stack locally: Redis, auth, gateway")
     dev.add_argument("--state-dir", default=".keyrelay", help="secrets, configs and data")

@@ -10,6 +10,8 @@ the fake upstream, and the official SDK as the client:
 - an expired key gets 401 saying it expired;
 - a runtime key with the hash of a config key, or naming a profile the gateway
   does not define, is not taken (and logged); the config key keeps working;
+- a runtime key naming a pool is served by the pool's members on a gateway that
+  has the pool, and refused (unknown_pool) by one that has not;
 - the auth service down when a gateway starts: config keys serve, /readyz says
   the runtime keys are not loaded, and they arrive once the auth service is up.
 """
@@ -17,6 +19,7 @@ the fake upstream, and the official SDK as the client:
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -262,6 +265,49 @@ async def test_a_key_naming_an_unknown_profile_is_not_taken_and_logged(fleet: Fl
         assert 'keyrelay_gateway_runtime_keys_refused_total{reason="unknown_profile"} 1.0' in (
             metrics
         )
+
+
+async def test_a_runtime_key_naming_a_pool_is_served_by_its_members(fleet: Fleet) -> None:
+    """``CreateKey`` with ``route.pool`` (issue 12): a gateway whose config has that
+    pool serves the key through the pool's members (here an upstream API key and the
+    connected account, round robin); one without it refuses the key (401 saying so,
+    ``unknown_pool`` in the log and the metric)."""
+    data = copy.deepcopy(fleet.data)
+    data["pools"] = {
+        "team": {
+            "strategy": "round_robin",
+            "members": [
+                {"name": "spare", "api_key": {"env": "KR_UPSTREAM_KEY"}},
+                {"account": "acct"},
+            ],
+        }
+    }
+    pooled = fleet.add_gateway("pooled", data)
+    pooled.wait_ready()
+    created = await fleet.create(
+        "team-bot",
+        route=auth_pb2.KeyRoute(pool="team"),
+        limits=auth_pb2.KeyLimits(requests_per_minute=1000),
+    )
+    assert created.key.route.mode == "pool"
+    await until_all([pooled], created.secret, 200, time.monotonic())
+    async with sdk(pooled, created.secret) as client:
+        for _ in range(3):
+            await client.messages.create(**SIMPLE)
+    metrics = (await get(f"{pooled.url}/metrics")).text
+    for member in ("spare", "acct"):  # both members served
+        labels = f'member="{member}",pool="team",result="served"'
+        assert f"keyrelay_gateway_pool_attempts_total{{{labels}}}" in metrics, metrics
+    assert "keyrelay_gateway_runtime_keys_refused_total{" not in metrics
+
+    # The fleet's gateways have no pool "team": the key is not taken there.
+    for gateway in fleet.gateways[:3]:
+        status, message = await status_of(gateway, created.secret)
+        assert status == 401
+        assert "its pool 'team' is not defined on this gateway" in message
+        assert "unknown_pool" in gateway.log()
+        metrics = (await get(f"{gateway.url}/metrics")).text
+        assert 'keyrelay_gateway_runtime_keys_refused_total{reason="unknown_pool"} 1.0' in metrics
 
 
 async def test_a_runtime_key_cannot_shadow_a_config_key(

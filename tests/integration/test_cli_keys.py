@@ -143,3 +143,36 @@ async def test_config_entry_prints_a_block_offline() -> None:
     assert process.returncode == 0, err
     assert b"[[keys]]" in out
     assert b'account = "a"' in out
+
+
+async def test_a_key_naming_a_pool(auth_server: RunningServer) -> None:
+    """``keys new --pool`` (issue 12): the route column and --json show the pool;
+    ``keys update`` moves the key to an account and back."""
+    created = await new_key(auth_server, "--pool", "team", "--rpm", "60")
+    key = created["key"]
+    assert key["name"] == "team"  # the pool by default
+    assert key["route"] == {
+        "mode": "pool",
+        "profile": "default",
+        "upstream": "default",
+        "pool": "team",
+    }
+    key_id = key["key_id"]
+    status, out, err = await keyrelay(auth_server, "keys", "list")
+    assert status == 0, err
+    assert "pool team default@default" in out.splitlines()[1]
+
+    status, out, err = await keyrelay(auth_server, "keys", "update", key_id, "--account", "alice")
+    assert status == 0, err
+    assert "alice oauth default@default" in out
+    assert "pool" not in out
+    status, out, err = await keyrelay(
+        auth_server, "keys", "update", key_id, "--pool", "other", "--json"
+    )
+    assert status == 0, err
+    assert json.loads(out)["route"]["pool"] == "other"
+    assert "account_id" not in json.loads(out)["route"]
+
+    status, out, err = await keyrelay(auth_server, "keys", "new", "--pool", "team b", "--name", "x")
+    assert status == 1
+    assert "INVALID_ARGUMENT: route.pool must be 1-64 characters" in err

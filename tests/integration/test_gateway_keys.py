@@ -204,6 +204,80 @@ async def test_update_replaces_the_parts_present_and_bumps_the_version(
     assert (code, "nothing to update" in details) == (INVALID, True)
 
 
+def pool_route(pool: str = "team", **fields: str) -> auth_pb2.KeyRoute:
+    return auth_pb2.KeyRoute(pool=pool, **fields)
+
+
+async def test_a_key_may_name_a_pool_and_move_to_an_account_and_back(
+    auth_stub: auth_pb2_grpc.AuthServiceAsyncStub,
+    store: RedisStore,
+    prefix: str,
+    watcher: EventWatcher,
+) -> None:
+    """A runtime key may name a gateway pool (issue 12) instead of an account and a
+    mode: answered with mode "pool" and no account, stored with the key, listed, and
+    replaced with the route as a whole (a pool and an account never both)."""
+    reply = await create(
+        auth_stub,
+        "team-bot",
+        route=pool_route(profile="coding"),
+        limits=auth_pb2.KeyLimits(requests_per_minute=60),
+    )
+    key = reply.key
+    assert key.route == auth_pb2.KeyRoute(
+        account_id="", mode="pool", profile="coding", upstream="default", pool="team"
+    )
+    raw = await store.client.hgetall(f"{prefix}gwkey:{key.key_id}")
+    assert (raw[b"pool"], raw[b"mode"], raw[b"account_id"]) == (b"team", b"pool", b"")
+    assert (
+        await auth_stub.GetKey(auth_pb2.GetKeyRequest(key_id=key.key_id), metadata=gateway_md())
+        == key
+    )
+    listed = await auth_stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=gateway_md())
+    assert list(listed.keys) == [key]
+
+    # To an account: the pool is gone (stored empty), and back, sending GetKey's route
+    # (mode "pool") as it came.
+    moved = await auth_stub.UpdateKey(
+        auth_pb2.UpdateKeyRequest(key_id=key.key_id, route=route("team-a")), metadata=admin_md()
+    )
+    assert moved.route == route("team-a", mode="oauth", profile="default", upstream="default")
+    assert await store.client.hget(f"{prefix}gwkey:{key.key_id}", "pool") == b""
+    back = await auth_stub.UpdateKey(
+        auth_pb2.UpdateKeyRequest(key_id=key.key_id, route=key.route, expected_version=2),
+        metadata=admin_md(),
+    )
+    assert (back.route, back.version, back.limits) == (key.route, 3, key.limits)
+
+    def changes(events: list[auth_pb2.AccountEvent]) -> list[tuple[str, str, int]]:
+        return [(e.reason, e.account_id, e.generation) for e in events if e.kind == KEY_CHANGED]
+
+    await watcher.wait_for(lambda events: len(changes(events)) == 3)
+    # A pool key's events name no account (its members are the pool's, on the gateway).
+    assert changes(watcher.events) == [
+        ("created", "", 1),
+        ("updated", "team-a", 2),
+        ("updated", "", 3),
+    ]
+
+
+async def test_a_pool_left_behind_by_an_earlier_version_is_no_pool(
+    auth_stub: auth_pb2_grpc.AuthServiceAsyncStub, store: RedisStore, prefix: str
+) -> None:
+    """A replica of the version before pools, replacing a pool key's route, writes
+    account_id, mode, profile and upstream and leaves ``pool``: the mode says which."""
+    key = (await create(auth_stub, route=pool_route())).key
+    await store.client.hset(
+        f"{prefix}gwkey:{key.key_id}", mapping={"account_id": "team-a", "mode": "oauth"}
+    )
+    got = await auth_stub.GetKey(auth_pb2.GetKeyRequest(key_id=key.key_id), metadata=admin_md())
+    assert got.route == route("team-a", mode="oauth", profile="default", upstream="default")
+    # And a record with no pool field at all (every key written before) has no pool.
+    await store.client.hdel(f"{prefix}gwkey:{key.key_id}", "pool")
+    again = await auth_stub.GetKey(auth_pb2.GetKeyRequest(key_id=key.key_id), metadata=admin_md())
+    assert again == got
+
+
 async def test_revoke_keeps_the_record_and_lists_it_only_on_request(
     auth_stub: auth_pb2_grpc.AuthServiceAsyncStub,
 ) -> None:
@@ -324,6 +398,11 @@ BAD_CREATES = [
     ({"route": route(mode="magic")}, "route.mode"),
     ({"route": route(profile="../etc")}, "route.profile"),
     ({"route": route(upstream="x" * 65)}, "route.upstream"),
+    ({"route": route(pool="team")}, "route.pool:"),  # an account and a pool
+    ({"route": route("", mode="auto", pool="team")}, "route.pool:"),  # a mode and a pool
+    ({"route": route("", pool="team b")}, "route.pool"),
+    ({"route": route("", pool="x" * 65)}, "route.pool"),
+    ({"route": route("", mode="pool")}, "route.mode"),  # mode pool without a pool
     ({"limits": limits(requests_per_minute=0)}, "limits.requests_per_minute"),
     ({"limits": limits(requests_per_minute=-1)}, "limits.requests_per_minute"),
     ({"limits": limits(tokens_per_minute=10**12 + 1)}, "limits.tokens_per_minute"),

@@ -407,6 +407,30 @@ def test_stored_fields_are_rendered_escaped() -> None:
     assert 'name="form_id" value="&lt;f&gt;" autocomplete="off"' in page
 
 
+def test_a_key_naming_a_pool_shows_the_pool_where_the_account_goes() -> None:
+    key = KeyRecord(
+        key_id="gk-0123456789abcdef",
+        name="team-bot",
+        key_sha256="sha256:" + "0" * 64,
+        route=Route("", "pool", "default", "default", "team"),
+        limits=Limits(),
+        created_at=1,
+        updated_at=1,
+        expires_at=0,
+        revoked_at=0,
+        version=1,
+    )
+    page = keys_page(
+        listing=page_of([key], 1), usage={}, month="2025-01", csrf="c", form_id="f", now=2
+    )
+    assert (
+        row_of(page, key.key_id).count(
+            '<td>pool team <span class="muted">pool · default · default</span></td>'
+        )
+        == 1
+    )
+
+
 # -- revoke -------------------------------------------------------------------------------
 
 

@@ -216,6 +216,9 @@ class FakeUpstream:
         # Asked about every Bearer token as it arrives (e.g. the provider's
         # userinfo): a token it calls invalid gets the real API's 401.
         self.token_check: Callable[[str], Awaitable[bool]] | None = None
+        # Per upstream API key (``x-api-key``): asked first; an answer it returns is
+        # written instead of the normal one (a pool member rate limited, say).
+        self.by_api_key: dict[str, Callable[[Recorded], Scripted | None]] = {}
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -261,6 +264,12 @@ class FakeUpstream:
                     "error": {"type": "authentication_error", "message": "invalid token"},
                 },
                 status=401,
+            )
+        hook = self.by_api_key.get(recorded.header("x-api-key") or "")
+        answer = hook(recorded) if hook is not None else None
+        if answer is not None:
+            return await self._write(
+                request, answer.status, answer.body, answer.content_type, answer.headers
             )
         if self.script:
             scripted = self.script.pop(0)

@@ -1,7 +1,8 @@
-"""The pure parts of ``keyrelay keys``: budgets, expiries and limits as typed."""
+"""The pure parts of ``keyrelay keys``: budgets, expiries, limits and routes as typed."""
 
 from __future__ import annotations
 
+import argparse
 import calendar
 
 import pytest
@@ -9,7 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keyrelay.auth.v1 import auth_pb2
-from keyrelay.cli import CliError, describe_limits, parse_budget, parse_expiry
+from keyrelay.cli import (
+    CliError,
+    build_parser,
+    describe_limits,
+    format_keys,
+    key_json,
+    key_route,
+    parse_budget,
+    parse_expiry,
+)
 
 NOW = 1_800_000_000.0
 
@@ -84,3 +94,105 @@ def test_limits_are_described_in_words() -> None:
     assert describe_limits(limits) == "60 req/min, 1000 tok/min, 2 at once, $5.00/month"
     tokens = auth_pb2.KeyLimits(budget=auth_pb2.KeyBudget(amount=1e6, unit="tokens", period="day"))
     assert describe_limits(tokens) == "1,000,000 tokens/day"
+
+
+# -- a key's route: an account, or a pool (issue 12) ---------------------------------
+
+
+def keys_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["keys", *argv])
+
+
+def test_a_new_key_names_a_pool_instead_of_an_account() -> None:
+    args = keys_args("new", "--pool", "team", "--profile", "coding")
+    assert (args.pool, args.account, args.mode) == ("team", None, None)
+    assert key_route(args) == auth_pb2.KeyRoute(pool="team", profile="coding")
+    assert key_route(keys_args("new", "--account", "alice")) == auth_pb2.KeyRoute(
+        account_id="alice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--pool", "team", "--account", "alice"), "leave out --account"),
+        (("--pool", "team", "--mode", "auto"), "leave out --mode"),
+        (("--pool", "team", "--account", "a", "--mode", "oauth"), "leave out --account and --mode"),
+    ],
+)
+def test_a_pool_and_a_credential_of_its_own_are_refused(
+    argv: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(CliError, match="--pool: a key names a pool or its own credential") as info:
+        key_route(keys_args("new", *argv))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),  # neither
+        ("--account", "alice", "--pool", "team"),  # both
+    ],
+)
+def test_a_new_key_needs_an_account_or_a_pool(argv: tuple[str, ...]) -> None:
+    """Refused before any connection (no admin token, no auth service here)."""
+    args = keys_args("new", *argv)
+    with pytest.raises(CliError, match="needs --account NAME or --pool NAME"):
+        args.func(args)
+
+
+def test_a_config_entry_is_for_an_account() -> None:
+    args = keys_args("new", "--config-entry", "--pool", "team")
+    with pytest.raises(CliError, match='pool = "NAME" in the block'):
+        args.func(args)
+    args = keys_args("new", "--config-entry")
+    with pytest.raises(CliError, match="--config-entry needs --account"):
+        args.func(args)
+
+
+POOL_KEY = auth_pb2.KeyRoute(mode="pool", profile="coding", upstream="default", pool="team")
+ACCOUNT_KEY = auth_pb2.KeyRoute(
+    account_id="alice", mode="auto", profile="default", upstream="default"
+)
+
+
+@pytest.mark.parametrize(
+    ("base", "argv", "expected"),
+    [
+        # Another profile keeps the pool (and the mode "pool" it came with).
+        (POOL_KEY, ("--profile", "p2"), auth_pb2.KeyRoute(
+            mode="pool", profile="p2", upstream="default", pool="team")),
+        # An account replaces the pool, and the mode "pool" goes with it (oauth then).
+        (POOL_KEY, ("--account", "bob"), auth_pb2.KeyRoute(
+            account_id="bob", profile="coding", upstream="default")),
+        (POOL_KEY, ("--account", "bob", "--mode", "auto"), auth_pb2.KeyRoute(
+            account_id="bob", mode="auto", profile="coding", upstream="default")),
+        # A pool replaces the account and the mode.
+        (ACCOUNT_KEY, ("--pool", "other"), auth_pb2.KeyRoute(
+            profile="default", upstream="default", pool="other")),
+        (POOL_KEY, ("--pool", "other"), auth_pb2.KeyRoute(
+            profile="coding", upstream="default", pool="other")),
+    ],
+)  # fmt: skip
+def test_an_update_moves_a_key_between_a_pool_and_an_account(
+    base: auth_pb2.KeyRoute, argv: tuple[str, ...], expected: auth_pb2.KeyRoute
+) -> None:
+    assert key_route(keys_args("update", "gk-0123456789abcdef", *argv), base) == expected
+
+
+def test_the_list_shows_a_pool_in_the_route_column() -> None:
+    keys = [
+        auth_pb2.GatewayKey(key_id="gk-1", name="team-bot", route=POOL_KEY),
+        auth_pb2.GatewayKey(key_id="gk-2", name="alice", route=ACCOUNT_KEY),
+    ]
+    _header, pool_row, account_row = format_keys(keys, NOW).splitlines()
+    assert "pool team coding@default" in pool_row
+    assert "alice auto default@default" in account_row
+    listed = key_json(keys[0], NOW)
+    assert listed["route"] == {
+        "mode": "pool",
+        "profile": "coding",
+        "upstream": "default",
+        "pool": "team",
+    }

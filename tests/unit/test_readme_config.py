@@ -29,10 +29,15 @@ CONFIG_SOURCE = "\n".join(
 )
 
 TOML_BLOCK = re.compile(r"^```toml\n(.*?)^```", re.S | re.M)
-# The README elides a key hash as "sha256:…"; any well-formed one stands in.
-BLOCKS = [b.replace('"sha256:…"', f'"sha256:{"ab" * 32}"') for b in TOML_BLOCK.findall(README)]
+# The README elides a key hash as "sha256:…"; any well-formed one stands in (each its
+# own: two keys may not share a hash).
+_ELIDED = iter(range(1, 1000))
+BLOCKS = [
+    re.sub('"sha256:…"', lambda _: f'"sha256:{next(_ELIDED):064x}"', b)
+    for b in TOML_BLOCK.findall(README)
+]
 # Names whose value is a name the user picks: `[providers.example]`, `[[keys]]` entries…
-USER_NAMED = ("providers", "profiles", "upstreams", "prices")
+USER_NAMED = ("providers", "profiles", "upstreams", "prices", "pools")
 ACCESSOR = re.compile(
     r"\.(?:string|optional_string|number|integer|boolean|strings|table|tables)\(\s*\"(\w+)\""
     r"|resolve_secret\(\s*\w+,\s*\"(\w+)\""

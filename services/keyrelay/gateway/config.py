@@ -1,5 +1,5 @@
-"""The gateway's config: ``[gateway]``, ``[profiles]``, ``[upstreams]``, ``[[keys]]``,
-``[accounts]``, ``[prices]``.
+"""The gateway's config: ``[gateway]``, ``[profiles]``, ``[upstreams]``, ``[pools]``,
+``[[keys]]``, ``[accounts]``, ``[prices]``.
 
 Read with ``keyrelay.configfile`` (TOML, secrets, errors naming the key). Every
 default is written once: a dataclass field's default or a named constant, which
@@ -28,6 +28,7 @@ from keyrelay.configfile import (
     read_text_file,
     resolve_secret,
 )
+from keyrelay.gateway.core.pools import MIN_COOL_SECONDS, Member, Pool, Strategy
 from keyrelay.gateway.core.ratelimit import Subject
 from keyrelay.gateway.core.request_transform import Profile
 from keyrelay.gateway.core.usage import Price, PriceTable
@@ -39,8 +40,12 @@ DEFAULT_KEEPALIVE_SECONDS = 30.0
 
 Mode = Literal["oauth", "api_key", "auto"]
 MODES: tuple[Mode, ...] = ("oauth", "api_key", "auto")
+# A route's mode: a credential's, or "pool" for a key that names a pool (DESIGN §6.3).
+RouteMode = Literal["oauth", "api_key", "auto", "pool"]
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-# A [[keys]] entry without mode, profile or upstream takes these.
+# A [[keys]] entry without mode, profile or upstream takes these. A pool member
+# without mode takes DEFAULT_MODE too, unless it has an api_key and no account:
+# then "api_key" (the only mode it can have).
 DEFAULT_MODE: Mode = "oauth"
 DEFAULT_PROFILE = "default"  # always defined: the empty profile, unless [profiles.default]
 DEFAULT_UPSTREAM = "default"
@@ -77,12 +82,57 @@ _UPSTREAM_DEFAULTS = UpstreamConfig(name="", url="")
 
 
 @dataclass(frozen=True, slots=True)
+class PoolMember:
+    """A credential of ``[pools.<name>] members``. ``id`` is stable across workers,
+    restarts and reorderings of the config (affinity hashing and the shared
+    cool-downs use it): ``account:<account>`` when it has an account, else
+    ``key:<name>``. ``name`` is for display: the given ``name``, else the account.
+    ``mode``, ``account`` and ``api_key`` mean what they mean on a key."""
+
+    id: str
+    mode: Mode
+    account: str | None
+    api_key: str | None = field(repr=False)
+    name: str
+
+
+# [pools.<name>] cool-downs, in seconds: each key is at least pools.MIN_COOL_SECONDS
+# (the floor cool_down_until applies anyway) and at most this.
+COOL_DOWN_MAXIMA: Mapping[str, float] = {
+    "default_cool_down_seconds": 3600.0,
+    "max_cool_down_seconds": 86400.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRoute:
+    """``[pools.<name>]``: the credentials a pool key's requests go to (DESIGN §6.3).
+    ``members[i]`` is ``pool.members[i]``'s credential; every key naming the pool
+    shares this one object. These defaults, and ``Pool``'s strategy, are the parser's."""
+
+    pool: Pool
+    members: tuple[PoolMember, ...]
+    default_cool_down_seconds: float = 30.0  # when the upstream's answer gives no reset
+    max_cool_down_seconds: float = 3600.0  # the cap on any reset the upstream gives
+
+
+# The defaults of every [pools.<name>] key, from PoolRoute's and Pool's fields.
+_POOL_DEFAULTS = PoolRoute(pool=Pool("", (Member("-"),)), members=())
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """What one gateway key maps to. ``api_key`` is the upstream key, never the gateway key."""
+    """What one gateway key maps to. ``api_key`` is the upstream key, never the gateway key.
+
+    A key that names a pool has mode ``"pool"``, ``pool`` set, and neither
+    ``account`` nor ``api_key``: its credentials are the pool's members, never
+    the route's own. Its ``subjects`` are the key alone (its own limits): an
+    account's limits belong to one account, and a pool's request may go to any.
+    """
 
     name: str
     account: str | None
-    mode: Mode
+    mode: RouteMode
     profile_name: str
     profile: Profile
     upstream: UpstreamConfig
@@ -90,6 +140,7 @@ class Route:
     # What admission checks (the key, then its account), when either has limits;
     # empty: no limits anywhere, and no call to the limits store.
     subjects: tuple[Subject, ...] = ()
+    pool: PoolRoute | None = None  # mode "pool" only
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +232,8 @@ class GatewayConfig:
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     account_limits: Mapping[str, Limits] = field(default_factory=dict)
+    # [pools.<name>], by name: config keys' and runtime keys' (by name too).
+    pools: Mapping[str, PoolRoute] = field(default_factory=dict)
 
 
 # The defaults of every flat [gateway] key, from GatewayConfig's fields.
@@ -429,6 +482,181 @@ def _parse_accounts(section: Section, store: bool) -> dict[str, Limits]:
     return found
 
 
+def _parse_credential(
+    section: Section, env: Mapping[str, str], read_file: ReadFile, default_mode: Mode
+) -> tuple[Mode, str | None, str | None]:
+    """``mode``, ``account`` and ``api_key`` of a ``[[keys]]`` entry or a pool member,
+    checked alike: an account for oauth and auto, an explicit upstream key for api_key."""
+    mode = section.string("mode", default_mode)
+    if mode not in MODES:
+        raise ConfigError(
+            f"{section.key('mode')}: must be one of {', '.join(MODES)}, got {mode!r}"
+            f"{close_match(mode, MODES)}"
+        )
+    section.used.add("account")  # so that a misspelt account gets a hint, even when absent
+    account = section.optional_string("account")
+    if mode != "api_key" and account is None:
+        raise ConfigError(f"{section.key('account')}: required for mode {mode!r}")
+    api_key = resolve_secret(section, "api_key", env, read_file)
+    if mode == "api_key" and api_key is None:
+        raise ConfigError(
+            f"{section.key('api_key')}: mode 'api_key' needs an upstream key, named explicitly "
+            '({ env = "VAR" } or { file = "/path" })'
+        )
+    return mode, account, api_key
+
+
+def _require_auth(section: Section, mode: Mode, auth: AuthClientConfig | None) -> None:
+    """An oauth or auto credential gets its tokens from the auth service."""
+    if mode != "api_key" and auth is None:
+        raise ConfigError(f"gateway.auth: required by {section.path} (mode {mode!r})")
+
+
+def _secret_reference(section: Section, name: str) -> str:
+    """Where a secret that ``resolve_secret`` read comes from: ``env VAR`` or ``file /path``."""
+    ((kind, where),) = section.data[name].items()
+    return f"{kind} {where}"
+
+
+_MEMBER_KEYS = ("account", "mode", "api_key", "name")
+
+
+def _parse_pool_member(
+    section: Section,
+    env: Mapping[str, str],
+    read_file: ReadFile,
+    auth: AuthClientConfig | None,
+) -> PoolMember:
+    """One entry of ``[pools.<name>] members``."""
+    section.used.update(_MEMBER_KEYS)  # unknown keys first: a misspelt one gets its hint
+    section.reject_unknown()
+    if section.data.get("account") is None and section.data.get("api_key") is None:
+        raise ConfigError(f"{section.path}: names no credential: an account, an api_key or both")
+    only_key = section.data.get("account") is None
+    mode, account, api_key = _parse_credential(
+        section, env, read_file, "api_key" if only_key else DEFAULT_MODE
+    )
+    name = section.optional_string("name")
+    _require_auth(section, mode, auth)
+    if account is not None:
+        return PoolMember(f"account:{account}", mode, account, api_key, name or account)
+    if name is None:
+        raise ConfigError(
+            f"{section.key('name')}: required for a member without an account "
+            "(its id is key:<name>, stable across restarts and workers)"
+        )
+    return PoolMember(f"key:{name}", mode, account, api_key, name)
+
+
+def _parse_pool(
+    name: str,
+    section: Section,
+    env: Mapping[str, str],
+    read_file: ReadFile,
+    auth: AuthClientConfig | None,
+) -> PoolRoute:
+    """``[pools.<name>]``: the strategy, the cool-downs and the members, each
+    credential once (by id, by secret, by key)."""
+    d = _POOL_DEFAULTS
+    strategies = [strategy.value for strategy in Strategy]
+    strategy = section.string("strategy", d.pool.strategy.value)
+    if strategy not in strategies:
+        raise ConfigError(
+            f"{section.key('strategy')}: must be one of {', '.join(strategies)}, "
+            f"got {strategy!r}{close_match(strategy, strategies)}"
+        )
+    cool_downs = {
+        key: section.number(key, getattr(d, key), minimum=MIN_COOL_SECONDS)
+        for key in COOL_DOWN_MAXIMA
+    }
+    for key, maximum in COOL_DOWN_MAXIMA.items():
+        if cool_downs[key] > maximum:
+            raise ConfigError(
+                f"{section.key(key)}: must be a number from {MIN_COOL_SECONDS:g} to "
+                f"{maximum:g}, got {cool_downs[key]:g}"
+            )
+    default, cap = cool_downs["default_cool_down_seconds"], cool_downs["max_cool_down_seconds"]
+    if cap < default:
+        raise ConfigError(
+            f"{section.key('max_cool_down_seconds')}: must be at least "
+            f"default_cool_down_seconds ({default:g}), got {cap:g}"
+        )
+    entries = section.tables("members")
+    section.reject_unknown()
+    if not entries:
+        raise ConfigError(f"{section.key('members')}: required: at least one member")
+    members: list[PoolMember] = []
+    ids: dict[str, str] = {}  # member id: where
+    references: dict[str, str] = {}  # "env VAR" or "file /path": where
+    api_keys: dict[str, str] = {}  # the key itself: where
+    for index, entry in enumerate(entries):
+        member = _parse_pool_member(entry, env, read_file, auth)
+        where = f"members[{index}]"
+        if member.id in ids:
+            raise ConfigError(f"{entry.path}: the same member as {ids[member.id]} ({member.id})")
+        ids[member.id] = where
+        if member.api_key is not None:
+            reference = _secret_reference(entry, "api_key")
+            if reference in references:
+                raise ConfigError(
+                    f"{entry.key('api_key')}: the same secret as {references[reference]}.api_key "
+                    f"({reference})"
+                )
+            if member.api_key in api_keys:
+                raise ConfigError(
+                    f"{entry.key('api_key')}: the same API key as {api_keys[member.api_key]}"
+                    ".api_key (through another secret)"
+                )
+            references[reference] = api_keys[member.api_key] = where
+        members.append(member)
+    try:
+        pool = Pool(name, tuple(Member(member.id) for member in members), Strategy(strategy))
+    except ValueError as exc:  # the checks above leave only a hash collision of two ids
+        raise ConfigError(f"{section.path}: {exc}") from None
+    return PoolRoute(pool, tuple(members), default, cap)
+
+
+def _parse_pools(
+    section: Section,
+    env: Mapping[str, str],
+    read_file: ReadFile,
+    auth: AuthClientConfig | None,
+    store: LimitsStoreConfig | None,
+) -> dict[str, PoolRoute]:
+    """``[pools.<name>]``, by name."""
+    pools: dict[str, PoolRoute] = {}
+    for name in section.data:
+        if store is None:
+            raise ConfigError(
+                f"{section.key(name)}: a pool needs [gateway.limits]: its members' cool-downs "
+                "are shared by every worker through that Redis (README: Limits and budgets)"
+            )
+        pools[name] = _parse_pool(name, section.table(name), env, read_file, auth)
+    return pools
+
+
+def _key_pool(key: Section, whose: str, pools: Mapping[str, PoolRoute]) -> PoolRoute | None:
+    """The pool a ``[[keys]]`` entry names, or None: the key has its own credential.
+    ``whose`` ends an error message (which key it is)."""
+    key.used.add("pool")  # so that a misspelt pool gets a hint, even when absent
+    pool_name = key.optional_string("pool")
+    if pool_name is None:
+        return None
+    own = [name for name in ("mode", "account", "api_key") if name in key.data]
+    if own:
+        raise ConfigError(
+            f"{key.key('pool')}: a key names a pool or its own credential, not both: "
+            f"remove {', '.join(own)} ({whose})"
+        )
+    pool = pools.get(pool_name)
+    if pool is None:
+        raise ConfigError(
+            f"{key.key('pool')}: no [pools.{pool_name}]{close_match(pool_name, sorted(pools))} "
+            f"({whose})"
+        )
+    return pool
+
+
 def key_subjects(
     key_hash: str, name: str, account: str | None, key_limits: Limits | None,
     account_limits: Limits | None,
@@ -461,6 +689,8 @@ def parse_gateway_config(
     limits_store = _parse_limits_store(gateway.table("limits"), env, read_file)
     accounts_section = root.table("accounts")
     account_limits = _parse_accounts(accounts_section, limits_store is not None)
+    pools_section = root.table("pools")
+    pools = _parse_pools(pools_section, env, read_file, auth, limits_store)
     routes: dict[str, Route] = {}
     for index, key in enumerate(root.tables("keys")):
         key_hash = key.string("hash").lower()
@@ -470,27 +700,21 @@ def parse_gateway_config(
             )
         if key_hash in routes:
             raise ConfigError(f"{key.key('hash')}: the same key hash appears twice")
-        mode = key.string("mode", DEFAULT_MODE)
-        if mode not in MODES:
-            raise ConfigError(f"{key.key('mode')}: must be one of {', '.join(MODES)}")
-        account = key.optional_string("account")
-        if mode != "api_key" and account is None:
-            raise ConfigError(f"{key.key('account')}: required for mode {mode!r}")
-        api_key = resolve_secret(key, "api_key", env, read_file)
-        if mode == "api_key" and api_key is None:
-            raise ConfigError(
-                f"{key.key('api_key')}: mode 'api_key' needs an upstream key, named explicitly "
-                '({ env = "VAR" } or { file = "/path" })'
-            )
+        name = key.string("name", f"key{index}")
+        pool = _key_pool(key, f"key {name!r}", pools)
+        mode: RouteMode
+        if pool is None:
+            mode, account, api_key = _parse_credential(key, env, read_file, DEFAULT_MODE)
+        else:  # the pool's members are the credentials, never the route's own
+            mode, account, api_key = "pool", None, None
         profile_name = key.string("profile", DEFAULT_PROFILE)
         if profile_name not in profiles:
             raise ConfigError(f"{key.key('profile')}: no [profiles.{profile_name}]")
         upstream_name = key.string("upstream", DEFAULT_UPSTREAM)
         if upstream_name not in upstreams:
             raise ConfigError(f"{key.key('upstream')}: no [upstreams.{upstream_name}]")
-        if mode != "api_key" and auth is None:
-            raise ConfigError(f"gateway.auth: required by {key.path} (mode {mode!r})")
-        name = key.string("name", f"key{index}")
+        if mode != "pool":
+            _require_auth(key, mode, auth)
         key_limits = _parse_limits(key, f"key {name!r}")
         if key_limits is not None and limits_store is None:
             raise _no_store(key.key("limits"), f"key {name!r}")
@@ -505,11 +729,24 @@ def parse_gateway_config(
             subjects=key_subjects(
                 key_hash, name, account, key_limits, account_limits.get(account or "")
             ),
+            pool=pool,
         )
         key.reject_unknown()
-    # An account no config key names is a typo, unless runtime keys (which need
-    # [gateway.auth]) may name it: then its limits wait for them.
-    used_accounts = {route.account for route in routes.values()}
+    # A pool no config key names is a typo, unless runtime keys (which need
+    # [gateway.auth]) may name it: then it waits for them (keyrelay.gateway.key_book).
+    used_pools = {route.pool.pool.name for route in routes.values() if route.pool is not None}
+    for pool_name in pools:
+        if pool_name not in used_pools and auth is None:
+            raise ConfigError(
+                f"{pools_section.key(pool_name)}: no [[keys]] entry has pool = {pool_name!r}"
+                f"{close_match(pool_name, sorted(used_pools))} (and without [gateway.auth] "
+                "no runtime key can)"
+            )
+    # An account no config key names (itself or through a pool) is a typo, unless
+    # runtime keys (which need [gateway.auth]) may name it: then its limits wait for them.
+    used_accounts = {route.account for route in routes.values()} | {
+        member.account for pool in pools.values() for member in pool.members
+    }
     for account in accounts_section.data:
         if account not in used_accounts and auth is None:
             raise ConfigError(
@@ -532,6 +769,7 @@ def parse_gateway_config(
         profiles=profiles,
         upstreams=upstreams,
         account_limits=account_limits,
+        pools=pools,
     )
     check_log_level(gateway, config.log_level)
     gateway.reject_unknown()

@@ -6,7 +6,9 @@ Two sources, one lookup by the key's hash (``sha256:<hex>``):
   whose hash is a config key's is not taken (it would shadow the operator's file);
 - **runtime keys** (``CreateKey`` on the auth service; ``keyrelay.gateway.key_follower``
   loads and follows them): each becomes a ``Route`` with the config's profile,
-  upstream and account limits *by name*.
+  upstream and account limits *by name*; a key that names a pool gets the config's
+  ``[pools.<name>]`` by name (mode ``pool``, its own limits only, as a config key
+  naming a pool).
 
 A runtime key this gateway cannot serve as its owner meant is **not taken**, never
 a crash (``Refusal``): its hash then answers what the client should be told (401,
@@ -56,6 +58,7 @@ class Refusal(StrEnum):
     SHADOWS_CONFIG = "shadows_config"  # its hash is a [[keys]] entry's: the config wins
     UNKNOWN_PROFILE = "unknown_profile"  # no [profiles.<name>] here
     UNKNOWN_UPSTREAM = "unknown_upstream"  # no [upstreams.<name>] here
+    UNKNOWN_POOL = "unknown_pool"  # no [pools.<name>] here
     NEEDS_API_KEY = "needs_api_key"  # mode api_key/auto: no upstream key travels at runtime
     NO_ACCOUNT = "no_account"  # mode oauth without an account
     BAD_LIMITS = "bad_limits"  # limits this gateway does not accept
@@ -66,6 +69,7 @@ class Refusal(StrEnum):
 REFUSAL_MESSAGES: Final = {
     Refusal.UNKNOWN_PROFILE: "its profile {profile!r} is not defined on this gateway",
     Refusal.UNKNOWN_UPSTREAM: "its upstream {upstream!r} is not defined on this gateway",
+    Refusal.UNKNOWN_POOL: "its pool {pool!r} is not defined on this gateway",
     Refusal.NEEDS_API_KEY: (
         "its mode {mode!r} needs an upstream API key, which only a [[keys]] entry of the "
         "gateway config can name (a runtime key's mode must be oauth)"
@@ -95,6 +99,7 @@ class RuntimeKey:
     expires_at: int  # unix seconds; 0: never
     version: int
     revoked: bool = False
+    pool: str = ""  # a [pools.<name>] of the config (mode "pool", no account); "": none
 
 
 def runtime_key(message: auth_pb2.GatewayKey) -> RuntimeKey:
@@ -114,14 +119,17 @@ def runtime_key(message: auth_pb2.GatewayKey) -> RuntimeKey:
         key_id=message.key_id,
         name=message.name,
         key_sha256=message.key_sha256.lower(),
-        account=route.account_id,
-        mode=route.mode or DEFAULT_MODE,
+        # A pool's members are the credentials: the route's own account and mode are
+        # not used (the auth service leaves them empty and "pool").
+        account="" if route.pool else route.account_id,
+        mode="pool" if route.pool else route.mode or DEFAULT_MODE,
         profile=route.profile or DEFAULT_PROFILE,
         upstream=route.upstream or DEFAULT_UPSTREAM,
         limits=plain,
         expires_at=message.expires_at,
         version=message.version,
         revoked=message.revoked_at != 0,
+        pool=route.pool,
     )
 
 
@@ -246,7 +254,12 @@ class KeyBook:
 
         def refuse(refusal: Refusal, **detail: object) -> Entry:
             message = REFUSAL_MESSAGES.get(refusal, "")
-            fields = {"profile": key.profile, "upstream": key.upstream, "mode": key.mode}
+            fields = {
+                "profile": key.profile,
+                "upstream": key.upstream,
+                "mode": key.mode,
+                "pool": key.pool,
+            }
             return Entry(
                 key.key_id,
                 key.name,
@@ -265,9 +278,16 @@ class KeyBook:
         upstream = config.upstreams.get(key.upstream)
         if upstream is None:
             return refuse(Refusal.UNKNOWN_UPSTREAM)
-        if key.mode != "oauth":
+        # A key naming a pool: the config's pool by name, whose members are the
+        # credentials; its subjects are the key alone (an account's limits belong to
+        # one account, and a pool's request may go to any member), as for a [[keys]]
+        # entry naming a pool.
+        pooled = config.pools.get(key.pool) if key.pool else None
+        if key.pool and pooled is None:
+            return refuse(Refusal.UNKNOWN_POOL)
+        if pooled is None and key.mode != "oauth":
             return refuse(Refusal.NEEDS_API_KEY)
-        if not key.account:
+        if pooled is None and not key.account:
             return refuse(Refusal.NO_ACCOUNT)
         try:
             limits: Limits | None = Limits.from_dict(key.limits, where="limits")
@@ -275,16 +295,18 @@ class KeyBook:
             return refuse(Refusal.BAD_LIMITS, detail=str(exc))
         if limits is not None and limits.unlimited:
             limits = None
-        account_limits = config.account_limits.get(key.account)
+        account = None if pooled is not None else key.account
+        account_limits = None if account is None else config.account_limits.get(account)
         if limits is not None and config.limits is None:
             return refuse(Refusal.NO_LIMITS_STORE)
         route = Route(
             name=key.name,
-            account=key.account,
-            mode="oauth",
+            account=account,
+            mode="oauth" if pooled is None else "pool",
             profile_name=key.profile,
             profile=profile,
             upstream=upstream,
-            subjects=key_subjects(key.key_sha256, key.name, key.account, limits, account_limits),
+            subjects=key_subjects(key.key_sha256, key.name, account, limits, account_limits),
+            pool=pooled,
         )
         return Entry(key.key_id, key.name, key.version, route, expires_at)

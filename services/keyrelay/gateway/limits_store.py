@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -76,6 +75,7 @@ from keyrelay.gateway.resp_client import (
     Reply,
     ReplyError,
     RespClient,
+    Script,
     bulk,
     encode,
 )
@@ -363,21 +363,9 @@ def _bulks(*values: str | int) -> bytes:
     return b"".join(bulk(str(value).encode()) for value in values)
 
 
-class _Script:
-    """A Lua script by its SHA-1: the start of every EVALSHA of it, and its SCRIPT LOAD."""
-
-    def __init__(self, source: str) -> None:
-        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 -- Redis's name
-        self.load = encode("SCRIPT", "LOAD", source)
-
-    def head(self, keys: int, args: int) -> bytes:
-        """``EVALSHA sha <keys>``, for a call of ``keys`` keys and ``args`` arguments."""
-        return b"*%d\r\n" % (3 + keys + args) + _bulks("EVALSHA", self.sha, keys)
-
-
-_ADMIT_SCRIPT: Final = _Script(_ADMIT)
-_GIVE_BACK_SCRIPT: Final = _Script(_GIVE_BACK)
-_FINISH_SCRIPT: Final = _Script(_FINISH)
+_ADMIT_SCRIPT: Final = Script(_ADMIT)
+_GIVE_BACK_SCRIPT: Final = Script(_GIVE_BACK)
+_FINISH_SCRIPT: Final = Script(_FINISH)
 _PING: Final = encode("PING")
 _FINISH_MARK: Final = bulk(b"%d" % FINISH_MARK_MS)
 _ONE: Final = bulk(b"1")
@@ -670,21 +658,6 @@ class LimitsStore:
         if self._observe is not None:
             self._observe(operation, outcome, seconds)
 
-    async def _loaded(self, script: _Script, command: bytes, error: ReplyError) -> Reply:
-        """After ``error`` to ``command`` (an EVALSHA of ``script``): not loaded (a
-        restarted or flushed Redis), SCRIPT LOAD and the call again, pipelined."""
-        if not str(error).startswith("NOSCRIPT"):
-            raise error
-        client = self._client
-        loaded = client.send(script.load, resend=True)
-        again = client.send(command, resend=True)
-        # Both retrieved; a failed load (ACL) is the error to tell, not the NOSCRIPT after it.
-        load_reply, reply = await asyncio.gather(loaded, again, return_exceptions=True)
-        for outcome in (load_reply, reply):
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return cast(Reply, reply)
-
     def _plan(self, subjects: tuple[Subject, ...], now: float) -> _Plan:
         """The plan of these subjects for ``now``'s minute (made once a minute)."""
         plan = self._plans.get(id(subjects))
@@ -844,11 +817,7 @@ class LimitsStore:
                 plan.admit_args,
             )
         )
-        try:
-            sent = await self._client.send(command, resend=True)
-        except ReplyError as exc:
-            sent = await self._loaded(self._admit, command, exc)
-        return _admit_reply(sent, len(plan.subjects))
+        return _admit_reply(await self._admit.run(self._client, command), len(plan.subjects))
 
     @staticmethod
     def _decision(plan: _Plan, reply: list[int], now: float) -> Decision:
@@ -982,11 +951,8 @@ class LimitsStore:
         )
         started = time.perf_counter()
         try:
-            try:
-                # Not re-sent: counting back twice would let a key past its limit.
-                await self._client.send(command, hold=True)
-            except ReplyError as exc:
-                await self._loaded(_GIVE_BACK_SCRIPT, command, exc)
+            # Not re-sent: counting back twice would let a key past its limit.
+            await _GIVE_BACK_SCRIPT.run(self._client, command, resend=False, hold=True)
         except (RedisUnavailable, ReplyError) as exc:
             raise self._unavailable("give_back", started, exc) from exc
         self._report("give_back", "recorded", time.perf_counter() - started)
@@ -1126,10 +1092,7 @@ class LimitsStore:
             for pause in (*FINISH_RETRIES, None):
                 started = time.perf_counter()
                 try:
-                    try:
-                        sent = await self._client.send(command, resend=True, hold=True)
-                    except ReplyError as exc:
-                        sent = await self._loaded(self._finish, command, exc)
+                    sent = await self._finish.run(self._client, command, hold=True)
                     recorded = _finish_reply(sent)
                 except (RedisUnavailable, ReplyError) as exc:
                     error = self._unavailable("finish", started, exc)

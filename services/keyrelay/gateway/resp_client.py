@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "Reply",
     "ReplyError",
     "RespClient",
+    "Script",
     "bulk",
     "encode",
     "parse_url",
@@ -450,3 +452,42 @@ class RespClient:
         if conn is not None:
             conn.fail(RedisUnavailable("the client is closed"), resend=False)
             await asyncio.sleep(0)  # the transport's close runs
+
+
+class Script:
+    """A Lua script by its SHA-1: the start of every EVALSHA of it, its SCRIPT LOAD,
+    and ``run``, which loads it when Redis does not have it (restarted, flushed)."""
+
+    def __init__(self, source: str) -> None:
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 -- Redis's name
+        self.load = encode("SCRIPT", "LOAD", source)
+
+    def head(self, keys: int, args: int) -> bytes:
+        """``EVALSHA sha <keys>``, for a call of ``keys`` keys and ``args`` arguments."""
+        return b"*%d\r\n" % (3 + keys + args) + b"".join(
+            bulk(str(value).encode()) for value in ("EVALSHA", self.sha, keys)
+        )
+
+    async def run(
+        self, client: RespClient, command: bytes, *, resend: bool = True, hold: bool = False
+    ) -> Reply:
+        """The reply to ``command`` (an EVALSHA of this script); after NOSCRIPT, SCRIPT
+        LOAD and the call again, pipelined (``resend``, ``hold``: as ``send``'s).
+        Raises ``ReplyError``, ``RedisUnavailable``."""
+        try:
+            return await client.send(command, resend=resend, hold=hold)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        loaded = client.send(self.load, resend=True)
+        try:
+            again = client.send(command, resend=resend)
+        except RedisUnavailable:
+            await asyncio.gather(loaded, return_exceptions=True)  # retrieved, not told
+            raise
+        # Both retrieved; a failed load (ACL) is the error to tell, not the NOSCRIPT after.
+        outcomes = await asyncio.gather(loaded, again, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return cast(Reply, outcomes[1])

@@ -226,6 +226,10 @@ class TokenClient:
         # the event and returned an older token is used once but not cached.
         self._floor: dict[str, int] = {}
         self._last_event_id = ""
+        # Accounts known to be disconnected (a DISCONNECTED event, or GetToken said
+        # so), until CONNECTED, REFRESHED or a token: pools skip their oauth members.
+        # At most one entry per account a route or pool names.
+        self.disconnected: set[str] = set()
         # Told of KEY_CHANGED events and of where the stream's unbroken run starts.
         self.listener: EventListener | None = None
         self.hits = 0
@@ -288,7 +292,11 @@ class TokenClient:
                 timeout=self._timeout,
             )
         except aio.AioRpcError as exc:
-            raise token_error(exc, account_id) from None
+            error = token_error(exc, account_id)
+            if error.status == 401:
+                self.disconnected.add(account_id)
+            raise error from None
+        self.disconnected.discard(account_id)
         token = CachedToken(
             reply.access_token,
             reply.token_type or "Bearer",
@@ -312,6 +320,10 @@ class TokenClient:
             auth_pb2.AccountEvent.CONNECTED,
         ):
             self.evict(event.account_id, event.generation)
+            if event.kind == auth_pb2.AccountEvent.DISCONNECTED:
+                self.disconnected.add(event.account_id)
+            else:
+                self.disconnected.discard(event.account_id)
         elif event.kind == auth_pb2.AccountEvent.KEY_CHANGED and self.listener is not None:
             self.listener.key_changed(event)
 

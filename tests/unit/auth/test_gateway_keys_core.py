@@ -137,5 +137,56 @@ def test_changes_are_checked_and_an_empty_update_is_refused() -> None:
         "mode": "oauth",
         "profile": "default",
         "upstream": "default",
+        "pool": "",  # a route replaced as a whole: a pool it had is gone
         "expires_at": "0",
     }
+
+
+def test_a_route_naming_a_pool_has_mode_pool_and_no_account() -> None:
+    expected = Route("", "pool", "default", "default", "team")
+    assert validate_route(Route("", "", pool="team")) == expected
+    assert validate_route(Route("", "pool", pool="team")) == expected  # GetKey's route, sent back
+    assert validate_route(Route("", "", "coding", "eu", "team.b-2")) == Route(
+        "", "pool", "coding", "eu", "team.b-2"
+    )
+    changes = validate_changes(KeyChanges(route=Route(mode="", pool="team")), now=1000.0)
+    assert change_fields(changes) == {
+        "account_id": "",
+        "mode": "pool",
+        "profile": "default",
+        "upstream": "default",
+        "pool": "team",
+    }
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (
+            Route("acct", "", pool="team"),
+            "route.pool: a key names a pool or its own credential, not both: "
+            "leave route.account_id empty",
+        ),
+        (
+            Route("", "oauth", pool="team"),
+            "route.pool: a key names a pool or its own credential, not both: "
+            "leave route.mode empty",
+        ),
+        (
+            Route("acct", "auto", pool="team"),
+            "route.pool: a key names a pool or its own credential, not both: "
+            "leave route.account_id and route.mode empty",
+        ),
+        (Route("", "pool"), "route.mode 'pool' needs route.pool (the pool's name)"),
+        (Route("acct", "pool"), "route.mode 'pool' needs route.pool (the pool's name)"),
+        (Route("", "", pool="-team"), "route.pool must be 1-64 characters of letters"),
+        (Route("", "", pool="team a"), "route.pool must be 1-64 characters of letters"),
+        (Route("", "", pool="t" * 65), "route.pool must be 1-64 characters of letters"),
+        (Route("", "", pool="team/x"), "route.pool must be 1-64 characters"),
+        (Route("", "", "bad profile", pool="team"), "route.profile must be 1-64 characters"),
+    ],
+)
+def test_a_pool_route_that_is_not_one(route: Route, message: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        validate_route(route)
+    assert str(raised.value).startswith(message)

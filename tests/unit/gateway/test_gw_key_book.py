@@ -148,6 +148,101 @@ def test_keys_this_gateway_cannot_serve_are_refused_with_a_reason(
     assert "not usable on this gateway" in raised.value.message
 
 
+# -- keys naming a pool (DESIGN §6.3, issue 12) ---------------------------------------
+
+POOLS = {
+    "team": {"members": [{"account": "acct-a"}, {"account": "acct-b"}]},
+    "other": {"strategy": "round_robin", "members": [{"account": "acct-c"}]},
+}
+
+
+def test_a_runtime_key_naming_a_pool_gets_the_configs_pool() -> None:
+    """The config's [pools.<name>] by name (the one object config keys share), mode
+    "pool", no account; the subjects are the key's own limits only, as for a config
+    key naming a pool: a member account's limits do not apply."""
+    cfg = config(pools=POOLS, accounts={"acct-a": {"limits": {"requests_per_minute": 1}}})
+    book = KeyBook(cfg)
+    entry = book.put(
+        key(pool="team", account="", mode="pool", profile="coding", upstream="eu",
+            limits={"requests_per_minute": 60})
+    )  # fmt: skip
+    assert entry is not None
+    assert entry.refusal is None
+    found = book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert found is not None
+    route = found[0]
+    assert (route.name, route.mode, route.account, route.api_key) == (
+        "ci-bot", "pool", None, None
+    )  # fmt: skip
+    assert route.pool is cfg.pools["team"]
+    assert route.profile is cfg.profiles["coding"]
+    assert route.upstream is cfg.upstreams["eu"]
+    (subject,) = route.subjects
+    assert (subject.kind, subject.id, subject.limits) == (
+        "key", key_hash("kr-runtime-1"), Limits(requests_per_minute=60)
+    )  # fmt: skip
+    assert len(book) == 1
+
+
+def test_a_pool_key_without_limits_has_no_subjects() -> None:
+    book = KeyBook(config(pools=POOLS, accounts={"acct-a": {"limits": {"concurrent_requests": 1}}}))
+    book.put(key(pool="other", account="", mode="pool"))
+    found = book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert found is not None
+    assert found[0].subjects == ()
+    assert found[0].pool is not None
+    assert found[0].pool.pool.name == "other"
+
+
+@pytest.mark.parametrize("pools", [POOLS, {}], ids=["other pools", "no pools"])
+def test_a_pool_this_gateway_does_not_have_is_refused(pools: dict[str, Any]) -> None:
+    book = KeyBook(config(pools=pools) if pools else config())
+    entry = book.put(key(pool="teams", account="", mode="pool"))
+    assert entry is not None
+    assert entry.refusal is Refusal.UNKNOWN_POOL
+    assert entry.refusal.value == "unknown_pool"  # the metric's label
+    assert entry.message == "its pool 'teams' is not defined on this gateway"
+    assert len(book) == 0
+    with pytest.raises(GatewayError) as raised:
+        book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert raised.value.status == 401
+    assert "its pool 'teams' is not defined on this gateway" in raised.value.message
+
+
+def test_a_key_moved_between_an_account_and_a_pool() -> None:
+    cfg = config(pools=POOLS)
+    book = KeyBook(cfg)
+    book.put(key(version=1))
+    before = book.version
+    book.put(key(version=2, pool="team", account="", mode="pool"))
+    assert book.version > before  # the app's raw-key cache forgets the old route
+    found = book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert found is not None
+    assert (found[0].mode, found[0].pool) == ("pool", cfg.pools["team"])
+    book.put(key(version=3))
+    found = book.lookup(key_hash("kr-runtime-1"), NOW)
+    assert found is not None
+    assert (found[0].mode, found[0].account, found[0].pool) == ("oauth", "team", None)
+
+
+def test_a_pool_key_from_the_message() -> None:
+    """The auth service answers a pool key with mode "pool" and no account; a pool
+    wins over anything else the route says (the credentials are the members')."""
+    for route in (
+        auth_pb2.KeyRoute(mode="pool", pool="team"),
+        auth_pb2.KeyRoute(account_id="stray", mode="oauth", pool="team"),
+    ):
+        converted = runtime_key(
+            auth_pb2.GatewayKey(
+                key_id="gk-1", name="n", key_sha256=key_hash("kr-x"), route=route, version=1
+            )
+        )
+        assert (converted.pool, converted.mode, converted.account) == ("team", "pool", "")
+        assert (converted.profile, converted.upstream) == ("default", "default")
+    plain = runtime_key(auth_pb2.GatewayKey(key_id="gk-2", route=auth_pb2.KeyRoute(account_id="a")))
+    assert (plain.pool, plain.mode, plain.account) == ("", "oauth", "a")
+
+
 @pytest.mark.parametrize(
     ("expires_at", "now", "ok"),
     [
@@ -290,13 +385,9 @@ class ScriptedStub:
 
 
 def message(secret: str, key_id: str, version: int = 1, **fields: Any) -> auth_pb2.GatewayKey:
+    fields.setdefault("route", auth_pb2.KeyRoute(account_id="team"))
     return auth_pb2.GatewayKey(
-        key_id=key_id,
-        name=key_id,
-        key_sha256=key_hash(secret),
-        route=auth_pb2.KeyRoute(account_id="team"),
-        version=version,
-        **fields,
+        key_id=key_id, name=key_id, key_sha256=key_hash(secret), version=version, **fields
     )
 
 
@@ -343,4 +434,32 @@ async def test_the_follower_lists_again_when_the_stream_starts_after_its_list() 
     assert sorted(stub.calls[2:]) == ["get gk-b", "get gk-c"]
     assert book.lookup(key_hash("kr-c"), NOW) is not None
     assert book.lookup(key_hash("kr-b"), NOW) is None
+    task.cancel()
+
+
+async def test_a_pool_key_of_an_unknown_pool_is_counted_as_not_taken() -> None:
+    stub = ScriptedStub(
+        [
+            auth_pb2.ListKeysResponse(
+                keys=[
+                    message("kr-a", "gk-a", route=auth_pb2.KeyRoute(mode="pool", pool="team")),
+                    message("kr-b", "gk-b", route=auth_pb2.KeyRoute(mode="pool", pool="nope")),
+                ],
+                events_cursor="100-0",
+            )
+        ]
+    )
+    book = KeyBook(config(pools=POOLS))
+    metrics = GatewayMetrics()
+    tokens = SimpleNamespace(stub=stub, call_metadata=())
+    follower = KeyFollower(book, tokens, metrics)  # type: ignore[arg-type]
+    task = await settle(follower)
+    assert follower.loaded
+    found = book.lookup(key_hash("kr-a"), NOW)
+    assert found is not None
+    assert found[0].mode == "pool"
+    refused = metrics.registry.get_sample_value(
+        "keyrelay_gateway_runtime_keys_refused_total", {"reason": "unknown_pool"}
+    )
+    assert refused == 1.0
     task.cancel()

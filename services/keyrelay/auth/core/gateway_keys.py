@@ -8,6 +8,10 @@ spells it) and what it accepts. The rules:
 - ``route.mode``: ``oauth`` (the default), ``api_key`` or ``auto``.
 - ``route.profile``/``route.upstream``: 1-64 letters, digits and ``._-``; default
   ``default``. Whether the gateway config defines them is the gateway's to check.
+- ``route.pool``: a pool of the gateway config (DESIGN §6.3), instead of an account
+  and a mode (the pool's members are the credentials): the shape of a profile's name;
+  whether a gateway defines it is the gateway's to check. Its mode is then ``pool``
+  (a request leaves it empty or says ``pool``), its account empty.
 - limits (``limits_from``): ``keyrelay.limit_rules.Limits``, the one definition, which
   the gateways enforce (unset: no limit; zero refused: leave it unset, or revoke the
   key to stop it). A ``Limits`` is valid by construction.
@@ -36,6 +40,7 @@ __all__ = [
     "LIMIT_FIELDS",
     "MAX_EXPIRES_AT",
     "MODES",
+    "POOL_MODE",
     "ROUTE_NAME",
     "KeyChanges",
     "KeyRecord",
@@ -50,6 +55,7 @@ __all__ = [
 ]
 
 MODES: Final = ("oauth", "api_key", "auto")
+POOL_MODE: Final = "pool"  # the mode of a route that names a pool
 DEFAULT_MODE: Final = "oauth"
 DEFAULT_PROFILE: Final = "default"
 DEFAULT_UPSTREAM: Final = "default"
@@ -68,6 +74,7 @@ class Route:
     mode: str = DEFAULT_MODE
     profile: str = DEFAULT_PROFILE
     upstream: str = DEFAULT_UPSTREAM
+    pool: str = ""  # a pool of the gateway config; then mode POOL_MODE, no account
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +124,53 @@ def validate_name(name: str) -> str:
 
 
 def validate_route(route: Route) -> Route:
+    if route.pool:
+        return _validate_pool_route(route)
     mode = route.mode or DEFAULT_MODE
+    if mode == POOL_MODE:
+        raise InvalidArgument("route.mode 'pool' needs route.pool (the pool's name)")
     if mode not in MODES:
         raise InvalidArgument(f"route.mode must be one of {', '.join(MODES)} (got {mode[:32]!r})")
     if route.account_id:
         validate_account_id(route.account_id, "route.account_id")
     elif mode != "api_key":
         raise InvalidArgument(f"route.account_id is required for mode {mode!r}")
+    profile, upstream = _profile_and_upstream(route)
+    return Route(route.account_id, mode, profile, upstream)
+
+
+def _validate_pool_route(route: Route) -> Route:
+    """A route naming a pool: the pool's members are its credentials, so it names no
+    account and no mode of its own (as a ``[[keys]]`` entry with ``pool`` names none)."""
+    own = [
+        name
+        for name, value in (("route.account_id", route.account_id), ("route.mode", route.mode))
+        if value and not (name == "route.mode" and value == POOL_MODE)
+    ]
+    if own:
+        raise InvalidArgument(
+            f"route.pool: a key names a pool or its own credential, not both: leave "
+            f"{' and '.join(own)} empty"
+        )
+    _check_route_name("route.pool", route.pool)
+    profile, upstream = _profile_and_upstream(route)
+    return Route("", POOL_MODE, profile, upstream, route.pool)
+
+
+def _profile_and_upstream(route: Route) -> tuple[str, str]:
     profile = route.profile or DEFAULT_PROFILE
     upstream = route.upstream or DEFAULT_UPSTREAM
-    for field_name, value in (("route.profile", profile), ("route.upstream", upstream)):
-        if not ROUTE_NAME.match(value):
-            raise InvalidArgument(
-                f"{field_name} must be 1-64 characters of letters, digits and ._- "
-                "starting with a letter or digit"
-            )
-    return Route(route.account_id, mode, profile, upstream)
+    _check_route_name("route.profile", profile)
+    _check_route_name("route.upstream", upstream)
+    return profile, upstream
+
+
+def _check_route_name(field_name: str, value: str) -> None:
+    if not ROUTE_NAME.match(value):
+        raise InvalidArgument(
+            f"{field_name} must be 1-64 characters of letters, digits and ._- "
+            "starting with a letter or digit"
+        )
 
 
 def limits_from(data: Mapping[str, object]) -> Limits:

@@ -94,7 +94,7 @@ def _known_fields_only(message: Message, path: str = "") -> None:
 
 
 def route_of(message: auth_pb2.KeyRoute) -> Route:
-    return Route(message.account_id, message.mode, message.profile, message.upstream)
+    return Route(message.account_id, message.mode, message.profile, message.upstream, message.pool)
 
 
 def limits_of(message: auth_pb2.KeyLimits) -> Limits:
@@ -129,6 +129,7 @@ def key_message(record: KeyRecord) -> auth_pb2.GatewayKey:
             mode=route.mode,
             profile=route.profile,
             upstream=route.upstream,
+            pool=route.pool,
         ),
         limits=auth_pb2.KeyLimits(
             requests_per_minute=limits.requests_per_minute,

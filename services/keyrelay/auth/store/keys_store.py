@@ -3,8 +3,9 @@
 Keys (``P`` is the configured prefix)::
 
     P gwkey:<key_id>   hash   name, key_sha256, account_id, mode, profile, upstream,
-                              limits (JSON, below), created_at, updated_at,
-                              expires_at (0: never), revoked_at (0: live), version
+                              pool (below), limits (JSON, below), created_at,
+                              updated_at, expires_at (0: never), revoked_at (0: live),
+                              version
     P gwkeys           zset   every key id ever created (revoked ones stay, for audit),
                               scored by its creation time (ms): ListKeys' order
     P gwkeys:sha256    hash   key_sha256 -> key_id: one key per hash, for good
@@ -25,6 +26,12 @@ is what every earlier version wrote and reads, so replicas of both can share a R
 Read back, a whole number of tokens written as a float (by the version before) is the
 integer it is, and a USD amount under a micro-dollar (which the version before that
 accepted) is the smallest budget, a micro-dollar.
+
+``pool`` is the name of the gateway pool a key routes to (its ``mode`` is then
+``pool`` and its ``account_id`` empty), else empty; every route write writes it. A
+record without it (written before keys could name a pool) has no pool, and so does
+one whose ``mode`` is not ``pool``: a replica of that earlier version that replaced
+such a key's route wrote the other fields and left a stale ``pool`` behind.
 """
 
 from __future__ import annotations
@@ -35,7 +42,13 @@ import secrets
 from collections.abc import Sequence
 from typing import Final, cast
 
-from keyrelay.auth.core.gateway_keys import KeyChanges, KeyRecord, Route, whole_tokens
+from keyrelay.auth.core.gateway_keys import (
+    POOL_MODE,
+    KeyChanges,
+    KeyRecord,
+    Route,
+    whole_tokens,
+)
 from keyrelay.auth.store.redis_store import _ONCE, OPERATION_TTL_MS, RedisStore
 from keyrelay.limit_rules import MICRO_USD, Limits
 
@@ -134,6 +147,7 @@ def route_fields(route: Route) -> dict[str, str]:
         "mode": route.mode,
         "profile": route.profile,
         "upstream": route.upstream,
+        "pool": route.pool,
     }
 
 
@@ -157,7 +171,13 @@ def _record(key_id: str, raw: dict[bytes, bytes]) -> KeyRecord:
         key_id=key_id,
         name=text["name"],
         key_sha256=text["key_sha256"],
-        route=Route(text["account_id"], text["mode"], text["profile"], text["upstream"]),
+        route=Route(
+            text["account_id"],
+            text["mode"],
+            text["profile"],
+            text["upstream"],
+            text.get("pool", "") if text["mode"] == POOL_MODE else "",
+        ),
         limits=limits_of_stored(text["limits"], f"gateway key {key_id}: stored limits"),
         created_at=int(text["created_at"]),
         updated_at=int(text["updated_at"]),

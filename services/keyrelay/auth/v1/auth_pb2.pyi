@@ -428,7 +428,9 @@ Global___AccountEvent: _TypeAlias = AccountEvent  # noqa: Y015
 
 @_typing.final
 class KeyRoute(_message.Message):
-    """Where a gateway key's requests go (DESIGN.md §2)."""
+    """Where a gateway key's requests go (DESIGN.md §2): one credential (account_id,
+    mode), or a pool of credentials of the gateway config (DESIGN.md §6.3).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -436,13 +438,22 @@ class KeyRoute(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     UPSTREAM_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The OAuth account; required for modes "oauth" and "auto"."""
+    """The OAuth account; required for modes "oauth" and "auto". Empty with a pool."""
     mode: _builtins.str
-    """"oauth", "api_key" or "auto"; empty means "oauth"."""
+    """"oauth", "api_key" or "auto"; empty means "oauth". With a pool: empty or
+    "pool" in a request, "pool" in an answer.
+    """
     profile: _builtins.str
     """A profile and an upstream of the gateway config; empty means "default"."""
     upstream: _builtins.str
+    pool: _builtins.str
+    """A [pools.<name>] of the gateway config, instead of account_id and mode (the
+    pool's members are the credentials): 1-64 letters, digits and ._- starting
+    with a letter or digit. Whether a gateway defines it is the gateway's to
+    check. Empty: no pool.
+    """
     def __init__(
         self,
         *,
@@ -450,10 +461,11 @@ class KeyRoute(_message.Message):
         mode: _builtins.str = ...,
         profile: _builtins.str = ...,
         upstream: _builtins.str = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "mode", b"mode", "profile", b"profile", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "mode", b"mode", "pool", b"pool", "profile", b"profile", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

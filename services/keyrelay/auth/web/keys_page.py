@@ -201,6 +201,7 @@ def _usage_cells(record: KeyRecord, usage: Mapping[str, UsageRecord] | None) -> 
 
 
 def _key_row(record: KeyRecord, usage: Mapping[str, UsageRecord] | None, now: float) -> Html:
+    pool = f"pool {record.route.pool}" if record.route.pool else ""  # instead of an account
     return render(
         '<tr data-key="$id"><td><code>$id</code></td><td><strong>$name</strong></td>'
         '<td>$account <span class="muted">$mode · $profile · $upstream</span></td>'
@@ -208,7 +209,7 @@ def _key_row(record: KeyRecord, usage: Mapping[str, UsageRecord] | None, now: fl
         '<td><a href="/keys/revoke?key_id=$id" aria-label="Revoke $name">Revoke…</a></td></tr>',
         id=record.key_id,
         name=record.name,
-        account=record.route.account_id or _NONE,
+        account=record.route.account_id or pool or _NONE,
         mode=record.route.mode,
         profile=record.route.profile,
         upstream=record.route.upstream,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -42,7 +43,8 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from keyrelay.gateway.config import GatewayConfig, Route
+from keyrelay.gateway.config import GatewayConfig, PoolRoute, Route
+from keyrelay.gateway.cooldowns import CoolDowns
 from keyrelay.gateway.core.errors import (
     ACCOUNT_DISCONNECTED,
     AUTH_UNAVAILABLE,
@@ -56,8 +58,17 @@ from keyrelay.gateway.core.errors import (
     UNKNOWN_KEY,
     GatewayError,
 )
+from keyrelay.gateway.core.pools import (
+    COOLING_STATUSES,
+    all_cooling_retry_after,
+    available_mask,
+    cool_down_until,
+    order,
+    session_of,
+)
 from keyrelay.gateway.core.request_transform import (
     RequestShapeError,
+    TransformedRequest,
     decode_json_body,
     transform_headers,
     transform_request,
@@ -148,6 +159,34 @@ class Outcome:
     # store was down), and the x-keyrelay-ratelimit-* headers of every answer.
     lease: Lease | None = None
     limit_headers: list[tuple[bytes, bytes]] | None = None
+    # The account of the credential used (a route's, or a pool member's), and the
+    # pool member that served (its name; None without a pool).
+    account: str | None = None
+    member: str | None = None
+    pool_retries: int = 0  # members that cooled down before one served
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A client's request as every upstream attempt of it needs it."""
+
+    path: str
+    route: Route
+    body: dict[str, Any]
+    raw: bytes
+    query: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
+
+
+def _error_type(data: bytes) -> str | None:
+    """``error.type`` of an Anthropic error body, if it is one."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def gateway_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -214,6 +253,12 @@ class GatewayApp:
         self._known_version = 0
         # The limits store, made at startup (its connection belongs to the loop).
         self.limits: LimitsStore | None = None
+        # Pools: their members' cool-downs (on the limits store's connection), the
+        # task that follows the other workers', and this worker's request count
+        # (round robin's rotation).
+        self.cooldowns: CoolDowns | None = None
+        self._cooling: asyncio.Task[None] | None = None
+        self._pool_requests = 0
         self._store_lines: LineLimiter[str] = LineLimiter(_STORE_LOG_INTERVAL)
 
     # -- ASGI -----------------------------------------------------------------
@@ -248,6 +293,18 @@ class GatewayApp:
                 on_dropped=self._usage_dropped,
             )
             self.metrics.watch_limits_store(self.limits)
+            if self.config.pools:
+                self.cooldowns = CoolDowns(
+                    self.limits.client,
+                    prefix=limits.key_prefix,
+                    members=[
+                        (name, member.id)
+                        for name, pooled in self.config.pools.items()
+                        for member in pooled.members
+                    ],
+                    observe=self.metrics.observe_store,
+                )
+                self._cooling = asyncio.create_task(self.cooldowns.run())
         if self._token_client is not None:
             self.tokens = self._token_client()
             self.metrics.watch_token_cache(self.tokens)
@@ -257,7 +314,9 @@ class GatewayApp:
             self._watch = asyncio.create_task(self.tokens.watch())
 
     async def shutdown(self) -> None:
-        for task in (self._watch, self._follow):
+        if self.cooldowns is not None:
+            await self.cooldowns.close()  # (stops its task)
+        for task in (self._watch, self._follow, self._cooling):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -442,18 +501,19 @@ class GatewayApp:
         note(self.metrics.front_door, "body_too_large", max_request_bytes=limit)
         return GatewayError(REQUEST_TOO_LARGE, _too_large(limit))
 
-    async def _credential(self, route: Route) -> Credential:
-        if route.mode == "api_key":
-            assert route.api_key is not None  # config guarantees it
-            return Credential(("x-api-key", route.api_key), Billing.METERED)
+    async def _credential(self, mode: str, account: str | None, api_key: str | None) -> Credential:
+        """The upstream credential of a route, or of a pool's member (the same fields)."""
+        if mode == "api_key":
+            assert api_key is not None  # config guarantees it
+            return Credential(("x-api-key", api_key), Billing.METERED)
         # The config guarantees both for the oauth and auto modes.
         assert self.tokens is not None
-        assert route.account is not None
+        assert account is not None
         try:
-            token = await self.tokens.get(route.account)
+            token = await self.tokens.get(account)
         except TokenError as exc:
-            if route.mode == "auto" and exc.status == 401 and route.api_key is not None:
-                return Credential(("x-api-key", route.api_key), Billing.METERED)
+            if mode == "auto" and exc.status == 401 and api_key is not None:
+                return Credential(("x-api-key", api_key), Billing.METERED)
             kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
             raise GatewayError(kind, exc.message) from None
         return Credential(
@@ -475,27 +535,59 @@ class GatewayApp:
         body = _decode(raw)
         if route.subjects:  # messages and count_tokens alike (see README, "Limits")
             await self._admit(route, outcome)
-        credential = await self._credential(route)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        outcome.model = model
+        call = _Call(path, route, body, raw, _query(scope), scope["headers"])
+        if route.pool is not None:
+            response, request = await self._pooled(call, route.pool, outcome)
+        else:
+            credential = await self._credential(route.mode, route.account, route.api_key)
+            response, request = await self._exchange(call, credential, route.account, outcome)
+        try:
+            headers = _response_headers(response, request_id, outcome.limit_headers)
+            if response.content_type.startswith(b"text/event-stream"):
+                outcome.stream = True
+                await self._stream(send, response, route, request.tool_names, headers, outcome)
+            else:
+                data = await response.read_all()
+                inspected = inspect_response_json(data, request.tool_names)
+                outcome.usage = inspected.usage
+                outcome.model = inspected.model or model
+                outcome.status = response.status
+                await _respond(send, response.status, inspected.body, headers)
+            outcome.finished = True
+        finally:
+            response.release()
+
+    async def _exchange(
+        self, call: _Call, credential: Credential, account: str | None, outcome: Outcome
+    ) -> tuple[UpstreamResponse, TransformedRequest]:
+        """One request to the upstream with ``credential`` (of ``account``, if any): its
+        response (a refused OAuth token is refreshed and the request sent once more)."""
+        route = call.route
         outcome.billing = credential.billing
-        client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        query = _query(scope)
+        outcome.account = account
+        client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in call.headers]
         try:
             request = transform_request(
-                body, client_headers, route.profile, upstream_auth=credential.header, query=query
+                call.body,
+                client_headers,
+                route.profile,
+                upstream_auth=credential.header,
+                query=call.query,
             )
         except RequestShapeError as exc:
             raise GatewayError(INVALID_REQUEST, str(exc)) from None
-        payload = request.body_bytes(raw)
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        outcome.model = model
+        payload = request.body_bytes(call.raw)
+        path = call.path
 
         sent_at = time.perf_counter()
         response = await self._post(route.upstream, path, request.headers, request.query, payload)
-        if response.status == 401 and credential.oauth and route.account is not None:
+        if response.status == 401 and credential.oauth and account is not None:
             # The token was refused: get a newer generation and try once more.
             assert self.tokens is not None
             try:
-                token = await self.tokens.rejected(route.account, credential.generation)
+                token = await self.tokens.rejected(account, credential.generation)
             except TokenError as exc:
                 response.release()
                 kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
@@ -520,21 +612,84 @@ class GatewayApp:
         self.metrics.tally.observe(
             self.metrics.upstream_latency_for(route.upstream.name), outcome.upstream_seconds
         )
-        try:
-            headers = _response_headers(response, request_id, outcome.limit_headers)
-            if response.content_type.startswith(b"text/event-stream"):
-                outcome.stream = True
-                await self._stream(send, response, route, request.tool_names, headers, outcome)
-            else:
-                data = await response.read_all()
-                inspected = inspect_response_json(data, request.tool_names)
-                outcome.usage = inspected.usage
-                outcome.model = inspected.model or model
-                outcome.status = response.status
-                await _respond(send, response.status, inspected.body, headers)
-            outcome.finished = True
-        finally:
-            response.release()
+        return response, request
+
+    async def _pooled(
+        self, call: _Call, pooled: PoolRoute, outcome: Outcome
+    ) -> tuple[UpstreamResponse, TransformedRequest]:
+        """The response of the first member of the pool that serves the request (README,
+        "Credential pools"): members in ``order`` (affinity or round robin), each at
+        most once, skipping those cooling down or disconnected; a member that answers
+        429, 529 or ``overloaded_error`` cools down (shared by every worker) and the
+        next one is tried, since nothing has reached the client yet. Any other
+        answer is the client's. None served: 429 with the earliest return."""
+        pool = pooled.pool
+        cooldowns = self.cooldowns
+        assert cooldowns is not None  # a pool needs the limits store (config)
+        now = time.time()
+        tokens = self.tokens
+        gone = tokens.disconnected if tokens is not None else frozenset()
+        disconnected = [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
+        available = available_mask(pool, now, cooldowns.cooling(pool.name, now), disconnected)
+        self._pool_requests += 1
+        tried = order(pool, session_of(call.headers, call.body), available, self._pool_requests)
+        attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
+        refused: GatewayError | None = None
+        for index in tried:
+            member = pooled.members[index]
+            try:
+                credential = await self._credential(member.mode, member.account, member.api_key)
+            except GatewayError as exc:  # disconnected, or the auth service unreachable
+                refused = exc
+                tally.inc(attempts(pool.name, member.name, "no_credential"))
+                continue
+            outcome.member = member.name
+            try:
+                response, request = await self._exchange(call, credential, member.account, outcome)
+            except GatewayError as exc:
+                if exc.kind not in (ACCOUNT_DISCONNECTED, AUTH_UNAVAILABLE):
+                    raise
+                # Its token was refused and no newer one came (disconnected meanwhile).
+                refused = exc
+                tally.inc(attempts(pool.name, member.name, "no_credential"))
+                continue
+            if response.status not in COOLING_STATUSES:
+                tally.inc(attempts(pool.name, member.name, "served"))
+                return response, request
+            try:
+                error_type = _error_type(await response.read_all())
+            finally:
+                response.release()
+            at = time.time()
+            until = cool_down_until(
+                response.status,
+                response.headers,
+                error_type,
+                at,
+                pooled.default_cool_down_seconds,
+                pooled.max_cool_down_seconds,
+            )
+            if until is not None:
+                cooldowns.note(pool.name, member.id, until, at)
+            tally.inc(attempts(pool.name, member.name, "cooled"))
+            outcome.pool_retries += 1
+        outcome.member = None
+        at = time.time()
+        cooling = cooldowns.cooling(pool.name, at)
+        if cooling:
+            raise GatewayError(
+                RATE_LIMITED,
+                f"every member of pool {pool.name!r} is rate limited or overloaded "
+                "upstream; retry after the time given",
+                retry_after=all_cooling_retry_after(cooling.values(), at),
+            )
+        if refused is not None:
+            raise refused
+        raise GatewayError(
+            ACCOUNT_DISCONNECTED,
+            f"no member of pool {pool.name!r} can serve: the accounts of all of them are "
+            "disconnected; connect one again (keyrelay connect)",
+        )
 
     async def _stream(
         self,
@@ -666,7 +821,7 @@ class GatewayApp:
         if outcome.stream and outcome.error:
             tally.inc(m.stream_errors_for(route_name))
         cost = None
-        account = (route.account if route else None) or "-"
+        account = outcome.account or (route.account if route else None) or "-"
         if outcome.usage is not None and billing is not None:
             usage = outcome.usage
             for kind, count in (
@@ -693,6 +848,9 @@ class GatewayApp:
             "upstream_ms": round(outcome.upstream_seconds * 1000, 2),
             "retried_after_401": outcome.retried,
         }
+        if outcome.member is not None or outcome.pool_retries:
+            entry["member"] = outcome.member
+            entry["pool_retries"] = outcome.pool_retries
         if outcome.usage is not None:
             entry["usage"] = {
                 "input": outcome.usage.input_tokens,

@@ -205,6 +205,14 @@ class GatewayMetrics:
             "Admissions this worker holds ahead (grants of the limits store), unused",
             registry=r,
         )
+        self.pool_attempts = Counter(
+            "keyrelay_gateway_pool_attempts",
+            "Pool members tried for requests of pool keys, by pool, member and result "
+            "(served: its answer went to the client; cooled: 429, 529 or overloaded, the "
+            "next member was tried; no_credential: disconnected or no token)",
+            ["pool", "member", "result"],
+            registry=r,
+        )
         self.runtime_keys = Gauge(
             "keyrelay_gateway_runtime_keys",
             "Keys created at runtime (on the auth service) this worker serves",
@@ -213,8 +221,8 @@ class GatewayMetrics:
         self.runtime_keys_refused = Counter(
             "keyrelay_gateway_runtime_keys_refused",
             "Runtime keys not taken, by reason (shadows_config, unknown_profile, "
-            "unknown_upstream, needs_api_key, no_account, bad_limits, no_limits_store), "
-            "each time one is loaded or changes",
+            "unknown_upstream, unknown_pool, needs_api_key, no_account, bad_limits, "
+            "no_limits_store), each time one is loaded or changes",
             ["reason"],
             registry=r,
         )
@@ -235,6 +243,7 @@ class GatewayMetrics:
         self.cost_for = Children(self.cost)
         self.stream_errors_for = Children(self.stream_errors)
         self.limit_decisions_for = Children(self.limit_decisions)
+        self.pool_attempts_for = Children(self.pool_attempts)
         self._store_seconds_for = Children(self.limits_store_seconds)
         self._store_errors_for = Children(self.limits_store_errors)
 
