@@ -20,7 +20,10 @@ import pytest
 
 from keyrelay.auth.v1 import auth_pb2
 from keyrelay.gateway.config import parse_gateway_config
+from keyrelay.gateway.core.ratelimit import window
 from keyrelay.gateway.keys import key_hash, new_key
+from keyrelay.gateway.limits_store import LimitsStore
+from keyrelay.limit_rules import Period
 from tests.conftest import AuthFactory
 from tests.e2e.test_gateway_limits import PREFIX, sdk, url_file
 from tests.integration.test_auth_flow import connect
@@ -198,6 +201,39 @@ async def test_round_robin_spreads_and_skips_an_overloaded_member(
             assert seen["m1"] + seen["m2"] == 30
     finally:
         await gateway.stop()
+
+
+async def test_usage_is_recorded_under_the_member_that_served(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """A pool key with limits: its usage is recorded under the key and under each
+    member that served (kind "member", id "<pool>/<member id>"); a member that
+    cooled down first records nothing."""
+    keys = upstream_keys(tmp_path)
+    key = new_key()
+    data = pool_config(tmp_path, limits_redis, upstream, key, "round_robin", name="usage")
+    data["keys"][0]["limits"] = {"requests_per_minute": 1000}
+    gateway = await in_process(data)
+    upstream.by_api_key[keys["m3"]] = refusing(429, time.time() + 60, "rate_limit_error")
+    try:
+        async with sdk(gateway.url, key) as client:
+            for _ in range(6):
+                await client.messages.create(**SIMPLE)
+    finally:
+        await gateway.stop()  # (sends the usage it holds)
+    store = LimitsStore.from_url(limits_redis.url, prefix=PREFIX, timeout=2.0)
+    try:
+        today = [window(Period.DAY, time.time()).label]
+        (by_key,) = await store.usage("key", key_hash(key), today)
+        served = {
+            name: (await store.usage("member", f"usage/key:{name}", today))[0].requests
+            for name in MEMBERS
+        }
+    finally:
+        await store.close()
+    assert by_key.requests == 6
+    assert served == {"m1": 3, "m2": 3, "m3": 0}
+    assert by_key.input_tokens > 0
 
 
 @pytest.mark.parametrize("status", [400, 500])

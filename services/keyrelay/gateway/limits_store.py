@@ -550,6 +550,10 @@ class LimitsStore:
         self._admit = _ADMIT_SCRIPT
         self._finish = _FINISH_SCRIPT
         self._plans: dict[int, _Plan] = {}
+        # Subjects tuples with a usage-only subject added (``record``'s ``also``).
+        self._with_also: dict[
+            tuple[int, int], tuple[tuple[Subject, ...], Subject, tuple[Subject, ...]]
+        ] = {}
         # Grants held, by id of their subjects tuple (one per plan in use), and the
         # tasks that fetch or give back tickets (referenced until done).
         self._grants: dict[int, _Grant] = {}
@@ -978,11 +982,15 @@ class LimitsStore:
         cost_usd: float | None,
         now: float,
         waiter: asyncio.Future[bool] | None = None,
+        *,
+        also: Subject | None = None,
     ) -> bool:
         """Queues what an admitted request used, and the release of its lease, for the
         next batch (``cost_usd`` None: a metered model without a price, counted as
         ``unpriced``). False when ``max_finishes`` are already waiting: then it is
-        dropped (``on_dropped``), and its lease expires.
+        dropped (``on_dropped``), and its lease expires. ``also``: a subject whose
+        usage records this request too, without limits (a pool's member: the same
+        object every time, so its plan is kept).
 
         A batch goes FINISH_DELAY after its first finish (or at FINISH_BATCH), at the
         end of this loop iteration when the finish has usage limits (tokens/min,
@@ -993,7 +1001,7 @@ class LimitsStore:
         if self._finishes_pending >= self._max_finishes:
             self._drop(1, "full")
             return False
-        plan = self._plan(lease.subjects, now)
+        plan = self._plan(lease.subjects if also is None else self._with(lease, also), now)
         tokens, cost = counted_tokens(usage), micro_usd(cost_usd)
         grant = self._grants.get(id(lease.subjects))
         if grant is not None:  # its estimate of the usage counters
@@ -1036,6 +1044,18 @@ class LimitsStore:
                 FINISH_DELAY, self._send_finishes
             )
         return True
+
+    def _with(self, lease: Lease, also: Subject) -> tuple[Subject, ...]:
+        """``lease.subjects`` and ``also``: one tuple per pair (plans are kept by it)."""
+        key = (id(lease.subjects), id(also))
+        found = self._with_also.get(key)
+        if found is not None and found[0] is lease.subjects and found[1] is also:
+            return found[2]
+        if len(self._with_also) >= _PLANS_KEPT:
+            self._with_also.clear()
+        subjects = (*lease.subjects, also)
+        self._with_also[key] = (lease.subjects, also, subjects)
+        return subjects
 
     @property
     def finishes_pending(self) -> int:

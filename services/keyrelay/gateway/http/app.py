@@ -66,6 +66,7 @@ from keyrelay.gateway.core.pools import (
     order,
     session_of,
 )
+from keyrelay.gateway.core.ratelimit import Subject
 from keyrelay.gateway.core.request_transform import (
     RequestShapeError,
     TransformedRequest,
@@ -90,6 +91,7 @@ from keyrelay.gateway.tokens import (
     TokenError,
 )
 from keyrelay.gateway.tracing import record_outcome, traced_post, traced_proxy
+from keyrelay.limit_rules import Limits
 from keyrelay.log_limit import LineLimiter
 from keyrelay.logs import LineWriter, json_line
 from keyrelay.tracing import NOOP_TRACER, Tracer
@@ -164,6 +166,7 @@ class Outcome:
     account: str | None = None
     member: str | None = None
     pool_retries: int = 0  # members that cooled down before one served
+    served_by: Subject | None = None  # the pool member's usage subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,13 @@ class GatewayApp:
         self.cooldowns: CoolDowns | None = None
         self._cooling: asyncio.Task[None] | None = None
         self._pool_requests = 0
+        # Each pool member's usage subject (kind "member", id "<pool>/<member id>"):
+        # a pool key's usage is recorded under the member that served it too.
+        self._member_subjects = {
+            (name, member.id): Subject("member", f"{name}/{member.id}", Limits(), member.name)
+            for name, pooled in config.pools.items()
+            for member in pooled.members
+        }
         self._store_lines: LineLimiter[str] = LineLimiter(_STORE_LOG_INTERVAL)
 
     # -- ASGI -----------------------------------------------------------------
@@ -433,7 +443,11 @@ class GatewayApp:
             if outcome.lease is not None and self.limits is not None:
                 usage = outcome.usage
                 self.limits.record(
-                    outcome.lease, usage or _NO_USAGE, 0.0 if usage is None else cost, time.time()
+                    outcome.lease,
+                    usage or _NO_USAGE,
+                    0.0 if usage is None else cost,
+                    time.time(),
+                    also=outcome.served_by,
                 )
 
     def _route(self, headers: list[tuple[bytes, bytes]]) -> Route:
@@ -614,6 +628,28 @@ class GatewayApp:
         )
         return response, request
 
+    async def _cool(
+        self, pool: str, member: str, pooled: PoolRoute, response: UpstreamResponse
+    ) -> None:
+        """A member answered 429 or 529: it cools down until the reset the answer
+        gives (README, "Credential pools"), for every worker."""
+        assert self.cooldowns is not None
+        try:
+            error_type = _error_type(await response.read_all())
+        finally:
+            response.release()
+        at = time.time()
+        until = cool_down_until(
+            response.status,
+            response.headers,
+            error_type,
+            at,
+            pooled.default_cool_down_seconds,
+            pooled.max_cool_down_seconds,
+        )
+        if until is not None:
+            self.cooldowns.note(pool, member, until, at)
+
     async def _pooled(
         self, call: _Call, pooled: PoolRoute, outcome: Outcome
     ) -> tuple[UpstreamResponse, TransformedRequest]:
@@ -655,22 +691,9 @@ class GatewayApp:
                 continue
             if response.status not in COOLING_STATUSES:
                 tally.inc(attempts(pool.name, member.name, "served"))
+                outcome.served_by = self._member_subjects[pool.name, member.id]
                 return response, request
-            try:
-                error_type = _error_type(await response.read_all())
-            finally:
-                response.release()
-            at = time.time()
-            until = cool_down_until(
-                response.status,
-                response.headers,
-                error_type,
-                at,
-                pooled.default_cool_down_seconds,
-                pooled.max_cool_down_seconds,
-            )
-            if until is not None:
-                cooldowns.note(pool.name, member.id, until, at)
+            await self._cool(pool.name, member.id, pooled, response)
             tally.inc(attempts(pool.name, member.name, "cooled"))
             outcome.pool_retries += 1
         outcome.member = None
