@@ -144,6 +144,8 @@ async def test_affinity_keeps_sessions_and_moves_only_a_limited_members(
             first = await sessions_round(client, upstream, member, sessions)
             again = await sessions_round(client, upstream, member, sessions)
             assert again == first  # each session always on one member while healthy
+            # The session header is the gateway's: it never reaches the upstream.
+            assert all(r.header("x-keyrelay-session") is None for r in upstream.requests)
             spread = Counter(first.values())
             assert set(spread) == set(MEMBERS)
             assert min(spread.values()) >= 15  # (100 sessions over 3: about a third each)

@@ -262,6 +262,23 @@ async def test_a_batch_counts_from_its_requests_clock(
     assert counter(direct, key, "tpm", behind) == 15
 
 
+async def test_usage_recorded_counts_at_the_next_admission_of_the_worker(
+    store: LimitsStore,
+) -> None:
+    """``record`` queues, and the next admission is checked behind it: the batch goes
+    out first, in the same pipeline (it was behind the admission when the batch was
+    sent from its task: the e2e budget test admitted a whole wave too many)."""
+    warm = await store.admit([subject(requests_per_minute=5)], NOW)  # the scripts loaded
+    assert warm.lease is not None
+    await store.finish(warm.lease, Usage(1), 0.0, NOW)
+    key = subject(budget={"amount": 100, "unit": "tokens", "period": "day"})
+    route = (key,)
+    first = await store.admit(route, NOW)
+    assert first.lease is not None
+    store.record(first.lease, Usage(input_tokens=100), 0.0, NOW)
+    assert (await store.admit(route, NOW)).lease is None  # 100 used of 100
+
+
 async def test_unpriced_and_unlimited(store: LimitsStore, reader: LimitsStore) -> None:
     free = subject()
     admission = await store.admit([free], NOW)

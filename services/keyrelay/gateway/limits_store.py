@@ -564,8 +564,7 @@ class LimitsStore:
         self._queued_count = 0
         self._finishes_pending = 0
         self._max_finishes = max_finishes
-        self._send_timer: asyncio.Handle | None = None
-        self._send_soon = False
+        self._send_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._on_dropped = on_dropped
         # Lease ids: unique, not secret (random per store, then counted).
@@ -992,12 +991,10 @@ class LimitsStore:
         usage records this request too, without limits (a pool's member: the same
         object every time, so its plan is kept).
 
-        A batch goes FINISH_DELAY after its first finish (or at FINISH_BATCH), at the
-        end of this loop iteration when the finish has usage limits (tokens/min,
-        budgets: admissions compare that usage), and before any admit call of this
-        worker (so a lease it released is released before its next admission is
-        checked); it is sent again after the pauses of FINISH_RETRIES when the
-        store did not take it."""
+        A batch goes FINISH_DELAY after its first finish (or at FINISH_BATCH), and
+        before any admit call of this worker (so the lease it released and the
+        usage it recorded count at its next admission); it is sent again after the
+        pauses of FINISH_RETRIES when the store did not take it."""
         if self._finishes_pending >= self._max_finishes:
             self._drop(1, "full")
             return False
@@ -1032,13 +1029,6 @@ class LimitsStore:
         self._finishes_pending += 1
         if self._queued_count >= FINISH_BATCH:
             self._send_finishes()
-        elif plan.gates:
-            # Usage another admission checks: it goes at the end of this iteration.
-            if not self._send_soon:
-                if self._send_timer is not None:
-                    self._send_timer.cancel()
-                self._send_soon = True
-                self._send_timer = asyncio.get_running_loop().call_soon(self._send_finishes)
         elif self._send_timer is None:
             self._send_timer = asyncio.get_running_loop().call_later(
                 FINISH_DELAY, self._send_finishes
@@ -1071,7 +1061,6 @@ class LimitsStore:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
-        self._send_soon = False
         if not self._queued:
             return
         groups, self._queued = list(self._queued.values()), {}
@@ -1103,16 +1092,27 @@ class LimitsStore:
             )
         )
         waiters = [waiter for group in groups for waiter in group.waiters]
-        self._chore(self._deliver(command, waiters, count))
+        # Sent now, not from the task: so it is in the pipeline ahead of any admit
+        # call made after this (the admit's caller counts on its usage being there).
+        try:
+            first: asyncio.Future[Reply] | None = self._client.send(command, resend=True, hold=True)
+        except RedisUnavailable:
+            first = None  # (the task tries again, and counts the failure)
+        self._chore(self._deliver(command, waiters, count, first))
 
     async def _deliver(
-        self, command: bytes, waiters: list[asyncio.Future[bool] | None], count: int
+        self,
+        command: bytes,
+        waiters: list[asyncio.Future[bool] | None],
+        count: int,
+        first: asyncio.Future[Reply] | None,
     ) -> None:
         try:
             for pause in (*FINISH_RETRIES, None):
                 started = time.perf_counter()
                 try:
-                    sent = await self._finish.run(self._client, command, hold=True)
+                    pending, first = first, None  # (a retry sends anew)
+                    sent = await self._finish.run(self._client, command, hold=True, sent=pending)
                     recorded = _finish_reply(sent)
                 except (RedisUnavailable, ReplyError) as exc:
                     error = self._unavailable("finish", started, exc)

@@ -469,12 +469,21 @@ class Script:
         )
 
     async def run(
-        self, client: RespClient, command: bytes, *, resend: bool = True, hold: bool = False
+        self,
+        client: RespClient,
+        command: bytes,
+        *,
+        resend: bool = True,
+        hold: bool = False,
+        sent: asyncio.Future[Reply] | None = None,
     ) -> Reply:
         """The reply to ``command`` (an EVALSHA of this script); after NOSCRIPT, SCRIPT
-        LOAD and the call again, pipelined (``resend``, ``hold``: as ``send``'s).
-        Raises ``ReplyError``, ``RedisUnavailable``."""
+        LOAD and the call again, pipelined (``resend``, ``hold``: as ``send``'s;
+        ``sent``: the call already sent, to wait for). Raises ``ReplyError``,
+        ``RedisUnavailable``."""
         try:
+            if sent is not None:
+                return await sent
             return await client.send(command, resend=resend, hold=hold)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):

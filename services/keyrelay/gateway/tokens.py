@@ -228,7 +228,7 @@ class TokenClient:
         self._last_event_id = ""
         # Accounts known to be disconnected (a DISCONNECTED event, or GetToken said
         # so), until CONNECTED, REFRESHED or a token: pools skip their oauth members.
-        # At most one entry per account a route or pool names.
+        # At most one entry per account of the auth service.
         self.disconnected: set[str] = set()
         # Told of KEY_CHANGED events and of where the stream's unbroken run starts.
         self.listener: EventListener | None = None
@@ -372,6 +372,7 @@ class TokenClient:
             # since the last stream are unknown, so start clean.
             if not first:
                 self._cache.clear()
+                self.disconnected.clear()  # a reconnection may be among those missed
             self._run_started("")
 
     def _run_started(self, cursor: str) -> None:

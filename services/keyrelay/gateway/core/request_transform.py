@@ -95,7 +95,9 @@ HOP_BY_HOP_HEADERS = frozenset(
 _CLIENT_SET_HEADERS = frozenset(
     {"host", "content-length", "expect", "accept-encoding", "content-encoding"}
 )
-_ALWAYS_DROPPED = CLIENT_AUTH_HEADERS | HOP_BY_HOP_HEADERS | _CLIENT_SET_HEADERS
+# The gateway's own request headers (a pool's session): for the gateway only.
+_GATEWAY_HEADERS = frozenset({"x-keyrelay-session"})
+_ALWAYS_DROPPED = CLIENT_AUTH_HEADERS | HOP_BY_HOP_HEADERS | _CLIENT_SET_HEADERS | _GATEWAY_HEADERS
 BETA_HEADER = "anthropic-beta"
 
 # A header name is an RFC 9110 token; a value has no CR, LF or NUL.

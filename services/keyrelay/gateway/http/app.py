@@ -60,6 +60,8 @@ from keyrelay.gateway.core.errors import (
 )
 from keyrelay.gateway.core.pools import (
     COOLING_STATUSES,
+    Pool,
+    Strategy,
     all_cooling_retry_after,
     available_mask,
     cool_down_until,
@@ -124,6 +126,7 @@ _MAX_KNOWN_KEYS: Final = 4096
 _SEND_BYTES: Final = 128 << 10
 _STORE_LOG_INTERVAL: Final = 10.0  # seconds between two store-error lines of one operation
 _NO_USAGE: Final = Usage()
+_ORDERS: Final = 4096  # member orders kept (per pool, session and members available)
 
 
 class ClientGone(Exception):
@@ -185,7 +188,7 @@ def _error_type(data: bytes) -> str | None:
     """``error.type`` of an Anthropic error body, if it is one."""
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser
         return None
     error = parsed.get("error") if isinstance(parsed, dict) else None
     kind = error.get("type") if isinstance(error, dict) else None
@@ -261,7 +264,11 @@ class GatewayApp:
         # (round robin's rotation).
         self.cooldowns: CoolDowns | None = None
         self._cooling: asyncio.Task[None] | None = None
-        self._pool_requests = 0
+        # (per pool: each pool's rotation its own)
+        self._pool_requests: dict[str, int] = {}
+        # The order of a pool's members per (pool, session, available): a session
+        # asks again and again (that is what affinity is for); at most _ORDERS kept.
+        self._orders: dict[tuple[str, bytes | None, int], tuple[int, ...]] = {}
         # Each pool member's usage subject (kind "member", id "<pool>/<member id>"):
         # a pool key's usage is recorded under the member that served it too.
         self._member_subjects = {
@@ -598,29 +605,14 @@ class GatewayApp:
         sent_at = time.perf_counter()
         response = await self._post(route.upstream, path, request.headers, request.query, payload)
         if response.status == 401 and credential.oauth and account is not None:
-            # The token was refused: get a newer generation and try once more.
-            assert self.tokens is not None
+            refused = response
             try:
-                token = await self.tokens.rejected(account, credential.generation)
-            except TokenError as exc:
-                response.release()
-                kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
-                raise GatewayError(kind, exc.message) from None
-            # The same generation back means the auth service refused a new refresh
-            # (its forced-refresh cool-down): a retry would be refused the same way,
-            # so the upstream's 401 is the answer.
-            if token.generation > credential.generation:
-                response.release()
-                retry_headers = transform_headers(
-                    client_headers,
-                    route.profile,
-                    upstream_auth=("authorization", f"{token.token_type} {token.access_token}"),
+                response = await self._refreshed(
+                    call, account, credential, refused, client_headers, request, payload, outcome
                 )
-                outcome.retried = True
-                self.metrics.upstream_retries.labels(route.name).inc()
-                response = await self._post(
-                    route.upstream, path, retry_headers, request.query, payload
-                )
+            except BaseException:  # a refusal, or the client gone meanwhile: not leaked
+                refused.release()  # (releasing twice is a no-op)
+                raise
         outcome.upstream_seconds = time.perf_counter() - sent_at
         outcome.upstream_status = response.status
         self.metrics.tally.observe(
@@ -628,16 +620,33 @@ class GatewayApp:
         )
         return response, request
 
+    def _order(
+        self, pool: Pool, session: bytes | None, available: int, counter: int
+    ) -> tuple[int, ...]:
+        """``pools.order``, remembered for affinity (round robin turns every time)."""
+        if session is None or pool.strategy is Strategy.ROUND_ROBIN:
+            return order(pool, session, available, counter)
+        key = (pool.name, session, available)
+        found = self._orders.get(key)
+        if found is None:
+            if len(self._orders) >= _ORDERS:
+                self._orders.clear()
+            found = self._orders[key] = order(pool, session, available, counter)
+        return found
+
     async def _cool(
         self, pool: str, member: str, pooled: PoolRoute, response: UpstreamResponse
-    ) -> None:
+    ) -> float:
         """A member answered 429 or 529: it cools down until the reset the answer
-        gives (README, "Credential pools"), for every worker."""
+        gives (README, "Credential pools"), for every worker; returns until when."""
         assert self.cooldowns is not None
         try:
-            error_type = _error_type(await response.read_all())
+            data = await response.read_all()
+        except GatewayError:  # a body cut or too large: the status alone decides
+            data = b""
         finally:
             response.release()
+        error_type = _error_type(data)
         at = time.time()
         until = cool_down_until(
             response.status,
@@ -647,8 +656,46 @@ class GatewayApp:
             pooled.default_cool_down_seconds,
             pooled.max_cool_down_seconds,
         )
-        if until is not None:
-            self.cooldowns.note(pool, member, until, at)
+        if until is None:  # (a 429 or 529 always cools; the rule says so)
+            until = at + pooled.default_cool_down_seconds
+        self.cooldowns.note(pool, member, until, at)
+        return until
+
+    async def _refreshed(
+        self,
+        call: _Call,
+        account: str,
+        credential: Credential,
+        response: UpstreamResponse,
+        client_headers: list[tuple[str, str]],
+        request: TransformedRequest,
+        payload: bytes,
+        outcome: Outcome,
+    ) -> UpstreamResponse:
+        """The upstream refused ``credential``'s token: with a newer generation, the
+        request sent once more (``response`` released); else ``response``."""
+        route, path = call.route, call.path
+        # The token was refused: get a newer generation and try once more.
+        assert self.tokens is not None
+        try:
+            token = await self.tokens.rejected(account, credential.generation)
+        except TokenError as exc:  # (the caller releases ``response``)
+            kind = ACCOUNT_DISCONNECTED if exc.status == 401 else AUTH_UNAVAILABLE
+            raise GatewayError(kind, exc.message) from None
+        # The same generation back means the auth service refused a new refresh
+        # (its forced-refresh cool-down): a retry would be refused the same way,
+        # so the upstream's 401 is the answer.
+        if token.generation > credential.generation:
+            response.release()
+            retry_headers = transform_headers(
+                client_headers,
+                route.profile,
+                upstream_auth=("authorization", f"{token.token_type} {token.access_token}"),
+            )
+            outcome.retried = True
+            self.metrics.upstream_retries.labels(route.name).inc()
+            response = await self._post(route.upstream, path, retry_headers, request.query, payload)
+        return response
 
     async def _pooled(
         self, call: _Call, pooled: PoolRoute, outcome: Outcome
@@ -664,47 +711,60 @@ class GatewayApp:
         assert cooldowns is not None  # a pool needs the limits store (config)
         now = time.time()
         tokens = self.tokens
-        gone = tokens.disconnected if tokens is not None else frozenset()
-        disconnected = [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
-        available = available_mask(pool, now, cooldowns.cooling(pool.name, now), disconnected)
-        self._pool_requests += 1
-        tried = order(pool, session_of(call.headers, call.body), available, self._pool_requests)
+        cooling = cooldowns.cooling(pool.name, now)
+        if tokens is not None and tokens.disconnected:
+            gone = tokens.disconnected
+            disconnected = [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
+        else:
+            disconnected = []
+        available = (
+            available_mask(pool, now, cooling, disconnected)
+            if cooling or disconnected
+            else pool.all_mask
+        )
+        counter = self._pool_requests[pool.name] = self._pool_requests.get(pool.name, 0) + 1
+        tried = self._order(pool, session_of(call.headers, call.body), available, counter)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
+        # What this request met, for its answer if no member serves: the cool-downs
+        # it saw or caused (they may have ended by then), and the last refusal.
+        cooled: list[float] = []
         refused: GatewayError | None = None
+        auth_down = False
         for index in tried:
             member = pooled.members[index]
+            if auth_down and member.mode == "oauth":
+                continue  # one wait for an unreachable auth service per request
             try:
                 credential = await self._credential(member.mode, member.account, member.api_key)
             except GatewayError as exc:  # disconnected, or the auth service unreachable
-                refused = exc
+                refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
                 tally.inc(attempts(pool.name, member.name, "no_credential"))
                 continue
-            outcome.member = member.name
+            outcome.member, outcome.retried = member.name, False
             try:
                 response, request = await self._exchange(call, credential, member.account, outcome)
             except GatewayError as exc:
                 if exc.kind not in (ACCOUNT_DISCONNECTED, AUTH_UNAVAILABLE):
                     raise
                 # Its token was refused and no newer one came (disconnected meanwhile).
-                refused = exc
+                refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
                 tally.inc(attempts(pool.name, member.name, "no_credential"))
                 continue
             if response.status not in COOLING_STATUSES:
                 tally.inc(attempts(pool.name, member.name, "served"))
                 outcome.served_by = self._member_subjects[pool.name, member.id]
                 return response, request
-            await self._cool(pool.name, member.id, pooled, response)
+            cooled.append(await self._cool(pool.name, member.id, pooled, response))
             tally.inc(attempts(pool.name, member.name, "cooled"))
             outcome.pool_retries += 1
-        outcome.member = None
-        at = time.time()
-        cooling = cooldowns.cooling(pool.name, at)
-        if cooling:
+        outcome.member, outcome.account, outcome.billing = None, None, None
+        if cooling or cooled:
+            at = time.time()
             raise GatewayError(
                 RATE_LIMITED,
                 f"every member of pool {pool.name!r} is rate limited or overloaded "
                 "upstream; retry after the time given",
-                retry_after=all_cooling_retry_after(cooling.values(), at),
+                retry_after=all_cooling_retry_after([*cooling.values(), *cooled], at),
             )
         if refused is not None:
             raise refused
