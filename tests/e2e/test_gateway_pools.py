@@ -238,6 +238,59 @@ async def test_usage_is_recorded_under_the_member_that_served(
     assert by_key.input_tokens > 0
 
 
+async def test_round_robin_turns_per_pool(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """Two round-robin pools whose requests alternate: each spreads its own requests
+    evenly (one counter for both put every request of one pool on one member)."""
+    keys = upstream_keys(tmp_path)
+    member = member_of(keys)
+    alice, bob = new_key(), new_key()
+    data = pool_config(tmp_path, limits_redis, upstream, alice, "round_robin", name="rr-a")
+    other = pool_config(tmp_path, limits_redis, upstream, bob, "round_robin", name="rr-b")
+    data["pools"].update(other["pools"])
+    data["keys"] += [{**other["keys"][0], "name": "bob"}]
+    for pool in data["pools"].values():  # two members: an even count is what skewed
+        pool["members"] = pool["members"][:2]
+    gateway = await in_process(data)
+    try:
+        async with sdk(gateway.url, alice) as a_client, sdk(gateway.url, bob) as b_client:
+            served: dict[str, Counter[str]] = {"alice": Counter(), "bob": Counter()}
+            for _ in range(8):
+                for name, client in (("alice", a_client), ("bob", b_client)):
+                    await client.messages.create(**SIMPLE)
+                    served[name][member(upstream.requests[-1])] += 1
+        assert served["alice"] == {"m1": 4, "m2": 4}
+        assert served["bob"] == {"m1": 4, "m2": 4}
+    finally:
+        await gateway.stop()
+
+
+async def test_a_429_whose_body_is_cut_still_cools_and_moves_on(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    keys = upstream_keys(tmp_path)
+    member = member_of(keys)
+    key = new_key()
+    data = pool_config(
+        tmp_path, limits_redis, upstream, key, "round_robin", name="cut429",
+        default_cool_down_seconds=30,
+    )  # fmt: skip
+    gateway = await in_process(data)
+    upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
+        429, b'{"type":"error","error":{"type":"rate_', framing="length", cut="fin"
+    )
+    try:
+        async with sdk(gateway.url, key) as client:
+            for _ in range(6):
+                await client.messages.create(**SIMPLE)  # no client sees an error
+        seen = Counter(member(r) for r in upstream.requests)
+        assert seen["m1"] == 1  # cooled for the pool's default: asked once
+        assert seen["m2"] + seen["m3"] == 6
+    finally:
+        await gateway.stop()
+
+
 @pytest.mark.parametrize("status", [400, 500])
 async def test_other_errors_are_the_clients_answer_and_never_retried(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream, status: int

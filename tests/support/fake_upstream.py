@@ -268,6 +268,8 @@ class FakeUpstream:
         hook = self.by_api_key.get(recorded.header("x-api-key") or "")
         answer = hook(recorded) if hook is not None else None
         if answer is not None:
+            if answer.framing is not None:
+                return await self._write_raw(request, answer)
             return await self._write(
                 request, answer.status, answer.body, answer.content_type, answer.headers
             )
