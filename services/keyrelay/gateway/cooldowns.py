@@ -50,7 +50,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Final, TypeAlias
 
@@ -231,6 +231,18 @@ _NOTE_SCRIPT: Final = Script(_NOTE)
 _POLL_SCRIPT: Final = Script(_POLL)
 
 
+def poll_command(keys: Sequence[str]) -> bytes:
+    """The call that reads ``keys`` (``cool_key``s) in one script call, as a poll."""
+    return encode("EVALSHA", _POLL_SCRIPT.sha, len(keys), *keys)
+
+
+async def read_cool_downs(client: RespClient, command: bytes, keys: int) -> list[Reply]:
+    """The raw value of each of the ``keys`` keys ``command`` (``poll_command``) reads:
+    a string, or None (absent, or a key of another type). A worker's poll and
+    ``keyrelay pools`` read alike. Raises ``RedisUnavailable``, ``ReplyError``."""
+    return _poll_reply(await _POLL_SCRIPT.run(client, command), keys)
+
+
 class CoolDowns:
     def __init__(
         self,
@@ -257,8 +269,7 @@ class CoolDowns:
         known = list(dict.fromkeys(members))  # in order, each once
         self._keys: dict[Member, str] = {m: cool_key(self._base, *m) for m in known}
         self._known = tuple(known)
-        keys = self._keys.values()
-        self._poll_command = encode("EVALSHA", _POLL_SCRIPT.sha, len(keys), *keys)
+        self._poll_command = poll_command(list(self._keys.values()))
         # Writes: the until waiting to be written per member (the latest noted), and
         # the task writing each member's (one at most; held until done).
         self._unshared: dict[Member, float] = {}
@@ -379,9 +390,7 @@ class CoolDowns:
             return True
         started = time.perf_counter()
         try:
-            reply = _poll_reply(
-                await _POLL_SCRIPT.run(self._client, self._poll_command), len(self._known)
-            )
+            reply = await read_cool_downs(self._client, self._poll_command, len(self._known))
         except (RedisUnavailable, ReplyError) as exc:
             self._failed("cool_poll", started, exc)
             return False

@@ -4,8 +4,9 @@
 The cool-downs live in the limits store's Redis (``keyrelay.gateway.cooldowns``:
 ``<prefix>limits:cool:<pool>:<member>``, an epoch-ms until). This reads them with
 the config's ``[gateway.limits]`` ``redis_url`` and ``key_prefix`` (so as the
-gateway's ACL user, which may ``GET`` them): one ``GET`` per member, pipelined,
-each value judged by ``cooldowns.parse_until`` exactly as a worker's poll judges it
+gateway's ACL user): one script call for all, the one a worker's poll makes
+(``cooldowns.read_cool_downs``), each value judged by ``cooldowns.parse_until``
+exactly as a worker's poll judges it
 (a value a worker would ignore is "available" here too). Read only; every call
 gives up within ``wait_seconds``: an unreachable or refusing store is
 ``StoreUnreachable``, never a hang.
@@ -23,13 +24,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keyrelay.gateway.config import GatewayConfig, LimitsStoreConfig
-from keyrelay.gateway.cooldowns import DEFAULT_MAX_SECONDS, cool_key, parse_until
+from keyrelay.gateway.cooldowns import (
+    DEFAULT_MAX_SECONDS,
+    cool_key,
+    parse_until,
+    poll_command,
+    read_cool_downs,
+)
 from keyrelay.gateway.resp_client import (
     RedisUnavailable,
     Reply,
     ReplyError,
     RespClient,
-    encode,
     parse_url,
 )
 
@@ -120,33 +126,24 @@ async def read_pools(
 async def _get_all(
     limits: LimitsStoreConfig, keys: Sequence[str], wait_seconds: float
 ) -> list[Reply]:
-    """``GET`` of every key, pipelined; a key holding another type reads as absent
-    (a worker's poll skips it too). ``StoreUnreachable`` past ``wait_seconds``."""
+    """Every key's value, read as a worker's poll reads them (``read_cool_downs``: a
+    key holding another type reads as absent). ``StoreUnreachable`` past
+    ``wait_seconds``, or when the store refuses."""
     where = store_address(limits)
     client = RespClient.from_url(limits.redis_url, timeout=wait_seconds)
     try:
         # The client's deadlines bound each call; this bounds a connect that hangs too.
         async with asyncio.timeout(wait_seconds + 0.5):
-            sent = [client.send(encode("GET", key)) for key in keys]
-            outcomes = await asyncio.gather(*sent, return_exceptions=True)
+            return await read_cool_downs(client, poll_command(keys), len(keys))
+    except ReplyError as exc:
+        raise StoreUnreachable(
+            f"the limits store at {where} ([gateway.limits]) cannot be read: it "
+            f"refused: {exc}; the pools' cool-downs are unknown"
+        ) from None
     except (TimeoutError, RedisUnavailable) as exc:
         raise StoreUnreachable(_unreachable(where, wait_seconds, exc)) from None
     finally:
         await client.close()
-    replies: list[Reply] = []
-    for outcome in outcomes:
-        if isinstance(outcome, ReplyError) and str(outcome).startswith("WRONGTYPE"):
-            replies.append(None)
-        elif isinstance(outcome, ReplyError):
-            raise StoreUnreachable(
-                f"the limits store at {where} ([gateway.limits]) cannot be read: it "
-                f"refused: {outcome}; the pools' cool-downs are unknown"
-            )
-        elif isinstance(outcome, BaseException):
-            raise StoreUnreachable(_unreachable(where, wait_seconds, outcome))
-        else:
-            replies.append(outcome)
-    return replies
 
 
 def _unreachable(where: str, wait_seconds: float, exc: BaseException) -> str:
