@@ -77,6 +77,7 @@ from keyrelay.gateway.resp_client import (
     RespClient,
     Script,
     bulk,
+    bulks,
     encode,
 )
 from keyrelay.limit_rules import BudgetUnit, Period
@@ -359,10 +360,6 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def _bulks(*values: str | int) -> bytes:
-    return b"".join(bulk(str(value).encode()) for value in values)
-
-
 _ADMIT_SCRIPT: Final = Script(_ADMIT)
 _GIVE_BACK_SCRIPT: Final = Script(_GIVE_BACK)
 _FINISH_SCRIPT: Final = Script(_FINISH)
@@ -423,16 +420,23 @@ class _Group:
     waiters: list[asyncio.Future[bool] | None] = field(default_factory=list)
 
 
+def _checks_at(plan: _Plan, counters: list[int]) -> tuple[Check, ...]:
+    """The plan's checks with the counters of an admit reply (or a grant's snapshot
+    of one): what ``decide`` makes for them (within the plan's minute every window
+    is the same)."""
+    return tuple(
+        [
+            Check(c.subject, c.kind, c.limit, counters[at], c.reset_at)
+            for c, at in zip(plan.checks, plan.used_at, strict=True)
+        ]
+    )
+
+
 def _reading(
     plan: _Plan, snapshot: list[int], now: float
 ) -> tuple[Decision, tuple[Check, int, int, int], bytes]:
     """A grant's decision at ``snapshot`` and what its headers are made from."""
-    checks = tuple(
-        [
-            Check(c.subject, c.kind, c.limit, snapshot[at], c.reset_at)
-            for c, at in zip(plan.checks, plan.used_at, strict=True)
-        ]
-    )
+    checks = _checks_at(plan, snapshot)
     decision = Decision(True, checks, now)
     tightest = decision.tightest
     assert tightest is not None  # a grant's plan has checks
@@ -731,10 +735,10 @@ class LimitsStore:
             checks=tuple(checks),
             used_at=tuple(used_at),
             admit_head=self._admit.head(n_admit_keys, n_admit_args),
-            admit_keys=_bulks(*admit_keys),
-            admit_args=_bulks(*admit_const, *admit_args),
-            finish_keys=_bulks(*finish_keys),
-            finish_args=_bulks(*finish_const, *finish_args),
+            admit_keys=bulks(*admit_keys),
+            admit_args=bulks(*admit_const, *admit_args),
+            finish_keys=bulks(*finish_keys),
+            finish_args=bulks(*finish_const, *finish_args),
             finish_key_count=len(finish_keys),
             finish_arg_count=len(finish_const) + len(finish_args),
             grantable=bool(checks)
@@ -824,17 +828,10 @@ class LimitsStore:
 
     @staticmethod
     def _decision(plan: _Plan, reply: list[int], now: float) -> Decision:
-        """``decide`` for the counters in ``reply``, from the plan's checks (what
-        ``decide`` makes, but for the counters; within the plan's minute every
-        window is the same)."""
+        """``decide`` for the counters in ``reply``, from the plan's checks."""
         if reply[0] == 2:  # a re-sent copy of an admission that went through
             return Decision(True, plan.checks, now)
-        checks = tuple(
-            [
-                Check(c.subject, c.kind, c.limit, reply[at], c.reset_at)
-                for c, at in zip(plan.checks, plan.used_at, strict=True)
-            ]
-        )
+        checks = _checks_at(plan, reply)
         return Decision(all(c.used < c.limit for c in checks), checks, now)
 
     # -- grants ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "RespClient",
     "Script",
     "bulk",
+    "bulks",
     "encode",
     "parse_url",
 ]
@@ -75,6 +76,11 @@ class RedisUnavailable(Exception):
 def bulk(value: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def bulks(*values: str | int) -> bytes:
+    """Bulk strings of ``values``, one after the other (parts of a command)."""
+    return b"".join(bulk(str(value).encode()) for value in values)
 
 
 def encode(*args: bytes | str | int) -> bytes:
@@ -464,9 +470,7 @@ class Script:
 
     def head(self, keys: int, args: int) -> bytes:
         """``EVALSHA sha <keys>``, for a call of ``keys`` keys and ``args`` arguments."""
-        return b"*%d\r\n" % (3 + keys + args) + b"".join(
-            bulk(str(value).encode()) for value in ("EVALSHA", self.sha, keys)
-        )
+        return b"*%d\r\n" % (3 + keys + args) + bulks("EVALSHA", self.sha, keys)
 
     async def run(
         self,
