@@ -263,6 +263,11 @@ class CoolDowns:
         self._client = client
         self._base = f"{prefix}limits:"
         self._view = CoolView(max_seconds)
+        # The request path's one question, ``cooling(pool, now)``: the members of
+        # ``pool`` cooling after ``now`` (member id -> until, epoch s), as
+        # ``available_mask`` takes them; read only. The view's own method, bound:
+        # asked on every pooled request, it is not wrapped in a call of this class.
+        self.cooling: Callable[[str, float], Mapping[str, float]] = self._view.cooling
         self._max_seconds = self._view.max_seconds
         self._poll_seconds = float(poll_seconds)
         self._observe = observe
@@ -296,11 +301,6 @@ class CoolDowns:
         return len(self._unshared.keys() | self._writers.keys())
 
     # -- the request path: no I/O --------------------------------------------------------
-
-    def cooling(self, pool: str, now: float) -> Mapping[str, float]:
-        """The members of ``pool`` cooling after ``now`` (member id -> until, epoch s),
-        as ``available_mask`` takes them; read only."""
-        return self._view.cooling(pool, now)
 
     def note(self, pool: str, member: str, until: float, now: float) -> None:
         """``member`` of ``pool`` was refused: it cools until ``until`` (epoch s), here

@@ -106,6 +106,7 @@ def test_imports_no_io_and_no_clock() -> None:
         "itertools",
         "keyrelay.gateway.core.ratelimit",
         "math",
+        "operator",
         "re",
         "typing",
         "zlib",
@@ -681,6 +682,76 @@ def test_only_system_and_first_message_matter(system: Any, first: Any, extra: An
     body = {"system": system, "messages": [first]}
     more = {"system": system, "messages": [first, extra], "model": extra, "tools": extra}
     assert session_of([], body) == session_of([], more)
+
+
+# The shortcut for plain bodies (``_plain_pieces``) must hash exactly what the walk
+# hashes, or a session would move the turn its body changes shape. Strings near the
+# byte bound, multi-byte and NUL characters and lone surrogates are where they could part.
+near_bound = st.integers(WALK_BYTES - 8, WALK_BYTES + 8).flatmap(
+    lambda n: st.sampled_from(
+        ["a" * n, "\u00e9" * (n // 2), "x\0" * (n // 2), "\U0001f600" * (n // 4)]
+    )
+)
+plain_text = st.text(max_size=40) | near_bound | st.just("lone \ud800 surrogate")
+plain_key = st.sampled_from(["role", "content", "name"]) | st.text(max_size=3)
+plain_message = (
+    st.dictionaries(plain_key, st.text(max_size=40), min_size=1, max_size=WALK_NODES - 1)
+    | st.dictionaries(plain_key | st.just("cache_control"), plain_text, max_size=3)
+    | st.builds(
+        lambda n, text: {f"k{i}": text for i in range(n)},
+        st.integers(0, WALK_NODES + 1),
+        plain_text,
+    )
+)
+
+
+@settings(max_examples=1000)
+@given(system=st.none() | plain_text, first=plain_message)
+def test_the_shortcut_for_plain_bodies_hashes_what_the_walk_hashes(system: Any, first: Any) -> None:
+    shortcut = pools._plain_pieces(system, first)
+    if shortcut is not None:
+        assert shortcut == pools._walked_pieces(system, first)
+
+
+@settings(max_examples=300)
+@given(system=hostile, first=hostile | st.just(pools._ABSENT))
+def test_the_shortcut_agrees_on_any_shape(system: Any, first: Any) -> None:
+    shortcut = pools._plain_pieces(system, first)
+    if shortcut is not None:
+        assert shortcut == pools._walked_pieces(system, first)
+
+
+@pytest.mark.parametrize(
+    ("system", "first"),
+    [
+        (None, {"role": "user", "content": "What is the weather like in Paris?"}),
+        ("You are terse.", {"role": "user", "content": "Hi"}),
+        ("", {"role": "user", "content": ""}),
+        ("s" * (3 * WALK_BYTES), {"role": "user", "content": "x" * (WALK_BYTES - 5)}),
+        ("\u00e9" * WALK_BYTES, {f"k{i}": "v" for i in range(WALK_NODES - 1)}),
+    ],
+)
+def test_the_shortcut_takes_plain_bodies(system: Any, first: dict[str, str]) -> None:
+    """It answers for these (so the test above is not vacuous), alike."""
+    assert pools._plain_pieces(system, first) == pools._walked_pieces(system, first)
+
+
+@pytest.mark.parametrize(
+    ("system", "first"),
+    [
+        (None, {}),
+        (None, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}),
+        ([{"type": "text", "text": "s"}], {"role": "user", "content": "Hi"}),
+        (None, {"role": "user", "content": "x" * (WALK_BYTES - 3)}),  # one byte over
+        (None, {f"k{i}": "v" for i in range(WALK_NODES)}),
+        (None, {"role": "user", "content": "Hi", "cache_control": "x"}),
+        ("s\ud800", {"role": "user", "content": "Hi"}),
+        (None, pools._ABSENT),
+        (None, ["not", "an", "object"]),
+    ],
+)
+def test_the_shortcut_leaves_other_shapes_to_the_walk(system: Any, first: Any) -> None:
+    assert pools._plain_pieces(system, first) is None
 
 
 # -- cool-downs: which answers -------------------------------------------------------------

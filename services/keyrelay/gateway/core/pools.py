@@ -71,6 +71,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
+from operator import itemgetter
 from typing import Final
 
 from keyrelay.gateway.core.ratelimit import retry_after
@@ -225,6 +226,7 @@ def _clip_str(value: str) -> bytes:
 
 
 _ABSENT: Final = object()
+_NAME: Final = itemgetter(0)
 
 
 def _scalar(value: object) -> bytes:
@@ -301,11 +303,12 @@ def session_of(headers: Iterable[tuple[bytes, bytes]], body: object) -> bytes | 
     """The affinity session of a request (see the module docstring for the rules),
     or ``None`` when it has none. ``headers``: the client's, lower-case names as the
     ASGI server gives them; ``body``: the client's decoded JSON (any shape)."""
-    for name, value in headers:
-        if name == SESSION_HEADER:
-            key = value.strip(b" \t")
-            if key:
-                return b"h" + _clip_bytes(key)
+    if SESSION_HEADER in map(_NAME, headers):  # (a scan in C: most requests have none)
+        for name, value in headers:
+            if name == SESSION_HEADER:
+                key = value.strip(b" \t")
+                if key:
+                    return b"h" + _clip_bytes(key)
     if not isinstance(body, dict):
         return None
     metadata = body.get("metadata")
@@ -318,6 +321,15 @@ def session_of(headers: Iterable[tuple[bytes, bytes]], body: object) -> bytes | 
     first = messages[0] if isinstance(messages, list) and messages else _ABSENT
     if system is None and first is _ABSENT:
         return None
+    pieces = _plain_pieces(system, first)
+    if pieces is None:
+        pieces = _walked_pieces(system, first)
+    return b"c" + zlib.crc32(pieces).to_bytes(4, "little")
+
+
+def _walked_pieces(system: object, first: object) -> bytes:
+    """The bytes rule 3 hashes: ``_walk``'s pieces of the system prompt and the
+    first message (``_ABSENT``: none), joined by NUL."""
     out: list[bytes] = [b"S"]
     if system is not None:
         _walk(system, False, out)
@@ -325,7 +337,31 @@ def session_of(headers: Iterable[tuple[bytes, bytes]], body: object) -> bytes | 
     if first is not _ABSENT and not _walk(first, False, out):
         out.append(b"~")
         _walk(first, True, out)
-    return b"c" + zlib.crc32(b"\0".join(out)).to_bytes(4, "little")
+    return b"\0".join(out)
+
+
+def _plain_pieces(system: object, first: object) -> bytes | None:
+    """``_walked_pieces`` for the commonest shape, at a fifth of its cost: no system
+    prompt or a string one, and a first message of at most ``WALK_NODES - 1``
+    string values and ``WALK_BYTES`` of their UTF-8 (``{"role": "user", "content":
+    "..."}``). None for any other shape. Same bytes by construction: a string system
+    prompt is its first ``WALK_BYTES`` (a walk of one node), and a first message that
+    fits is read whole, values in order, with no walk from its end. The unit tests
+    check that the two agree wherever this one answers."""
+    if type(first) is not dict or not first or len(first) >= WALK_NODES or "cache_control" in first:
+        return None
+    try:
+        values = "\0".join(first.values())  # TypeError: a value that is not a string
+        data = values.encode()  # UnicodeEncodeError: a lone surrogate
+        if len(data) - (len(first) - 1) > WALK_BYTES:  # (the NULs joining them)
+            return None
+        if system is None:
+            return b"S\0M\0{\0" + data
+        if type(system) is str:
+            return b"S\0" + system[:WALK_BYTES].encode()[:WALK_BYTES] + b"\0M\0{\0" + data
+    except (TypeError, UnicodeEncodeError):
+        pass
+    return None
 
 
 # -- cool-downs ------------------------------------------------------------------------

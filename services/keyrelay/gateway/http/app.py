@@ -20,8 +20,8 @@ do the least work possible. One request, ``POST /v1/messages``:
 6. the response: JSON mapped back in one piece, SSE through the stream
    transformer chunk by chunk;
 7. metrics and one JSON log line (never a token or key); an admitted request's
-   usage and cost go to the limits store in a task of their own (``_finish_later``),
-   which a client that went away does not cancel.
+   usage and cost go to the limits store's batch (``LimitsStore.record``: no wait,
+   sent within milliseconds), whether or not the client stayed.
 
 Errors the gateway makes itself use the Anthropic shape (``gateway.core.errors``);
 anything unexpected becomes a 500 ``api_error`` without a traceback.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from keyrelay.gateway.config import GatewayConfig, PoolRoute, Route
 from keyrelay.gateway.cooldowns import CoolDowns
@@ -269,12 +269,19 @@ class GatewayApp:
         # The order of a pool's members per (pool, session, available): a session
         # asks again and again (that is what affinity is for); at most _ORDERS kept.
         self._orders: dict[tuple[str, bytes | None, int], tuple[int, ...]] = {}
-        # Each pool member's usage subject (kind "member", id "<pool>/<member id>"):
-        # a pool key's usage is recorded under the member that served it too.
-        self._member_subjects = {
-            (name, member.id): Subject("member", f"{name}/{member.id}", Limits(), member.name)
+        # Per pool, per member (in configured order): its "served" attempts counter
+        # and its usage subject (kind "member", id "<pool>/<member id>"; a pool key's
+        # usage is recorded under the member that served it too). Made once: the
+        # request that a member serves only picks them up.
+        self._served: dict[str, tuple[tuple[Counter, Subject], ...]] = {
+            name: tuple(
+                (
+                    self.metrics.pool_attempts_for(name, member.name, "served"),
+                    Subject("member", f"{name}/{member.id}", Limits(), member.name),
+                )
+                for member in pooled.members
+            )
             for name, pooled in config.pools.items()
-            for member in pooled.members
         }
         self._store_lines: LineLimiter[str] = LineLimiter(_STORE_LOG_INTERVAL)
 
@@ -620,19 +627,23 @@ class GatewayApp:
         )
         return response, request
 
-    def _order(
-        self, pool: Pool, session: bytes | None, available: int, counter: int
-    ) -> tuple[int, ...]:
-        """``pools.order``, remembered for affinity (round robin turns every time)."""
-        if session is None or pool.strategy is Strategy.ROUND_ROBIN:
-            return order(pool, session, available, counter)
-        key = (pool.name, session, available)
-        found = self._orders.get(key)
-        if found is None:
-            if len(self._orders) >= _ORDERS:
-                self._orders.clear()
-            found = self._orders[key] = order(pool, session, available, counter)
-        return found
+    def _order(self, pool: Pool, call: _Call, available: int) -> tuple[int, ...]:
+        """``pools.order`` of the ``available`` members for ``call``. An affinity
+        session's order is remembered: a session asks again and again (that is what
+        affinity is for). Round robin, and a request with no session, turn by this
+        worker's count of the pool's requests (each pool its own rotation)."""
+        if pool.strategy is Strategy.AFFINITY:
+            session = session_of(call.headers, call.body)
+            if session is not None:
+                key = (pool.name, session, available)
+                found = self._orders.get(key)
+                if found is None:
+                    if len(self._orders) >= _ORDERS:
+                        self._orders.clear()
+                    found = self._orders[key] = order(pool, session, available)
+                return found
+        counter = self._pool_requests[pool.name] = self._pool_requests.get(pool.name, 0) + 1
+        return order(pool, None, available, counter)
 
     async def _cool(
         self, pool: str, member: str, pooled: PoolRoute, response: UpstreamResponse
@@ -712,18 +723,17 @@ class GatewayApp:
         now = time.time()
         tokens = self.tokens
         cooling = cooldowns.cooling(pool.name, now)
-        if tokens is not None and tokens.disconnected:
-            gone = tokens.disconnected
-            disconnected = [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
+        gone = tokens.disconnected if tokens is not None else None
+        if cooling or gone:
+            disconnected = (
+                [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
+                if gone
+                else ()
+            )
+            available = available_mask(pool, now, cooling, disconnected)
         else:
-            disconnected = []
-        available = (
-            available_mask(pool, now, cooling, disconnected)
-            if cooling or disconnected
-            else pool.all_mask
-        )
-        counter = self._pool_requests[pool.name] = self._pool_requests.get(pool.name, 0) + 1
-        tried = self._order(pool, session_of(call.headers, call.body), available, counter)
+            available = pool.all_mask
+        tried = self._order(pool, call, available)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
         # it saw or caused (they may have ended by then), and the last refusal.
@@ -751,8 +761,8 @@ class GatewayApp:
                 tally.inc(attempts(pool.name, member.name, "no_credential"))
                 continue
             if response.status not in COOLING_STATUSES:
-                tally.inc(attempts(pool.name, member.name, "served"))
-                outcome.served_by = self._member_subjects[pool.name, member.id]
+                served, outcome.served_by = self._served[pool.name][index]
+                tally.inc(served)
                 return response, request
             cooled.append(await self._cool(pool.name, member.id, pooled, response))
             tally.inc(attempts(pool.name, member.name, "cooled"))
