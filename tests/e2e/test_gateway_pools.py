@@ -291,7 +291,7 @@ async def test_a_429_whose_body_is_cut_still_cools_and_moves_on(
         await gateway.stop()
 
 
-@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("status", [400, 500, 503])
 async def test_other_errors_are_the_clients_answer_and_never_retried(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream, status: int
 ) -> None:
@@ -311,6 +311,32 @@ async def test_other_errors_are_the_clients_answer_and_never_retried(
         await gateway.stop()
 
 
+MESSAGE_START = sse(
+    "message_start",
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-test-1",
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1},
+        },
+    },
+)
+OVERLOADED_EVENT = sse(
+    "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+)
+
+
+async def read_stream(url: str, key: str) -> str:
+    """One streamed request through the SDK: its text."""
+    async with sdk(url, key) as client, client.messages.stream(**SIMPLE) as events:
+        return await events.get_final_text()
+
+
 async def test_a_stream_that_sent_bytes_is_never_retried(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
 ) -> None:
@@ -319,39 +345,86 @@ async def test_a_stream_that_sent_bytes_is_never_retried(
     keys = upstream_keys(tmp_path)
     key = new_key()
     gateway = await in_process(pool_config(tmp_path, limits_redis, upstream, key, name="cut"))
-    start = sse(
-        "message_start",
-        {
-            "type": "message_start",
-            "message": {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "model": "claude-test-1",
-                "content": [],
-                "stop_reason": None,
-                "usage": {"input_tokens": 5, "output_tokens": 1},
-            },
-        },
-    )
-    overloaded = sse(
-        "error",
-        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
-    )
     for value in keys.values():
         upstream.by_api_key[value] = lambda _: Scripted(
-            200, start + overloaded, content_type="text/event-stream"
+            200, MESSAGE_START + OVERLOADED_EVENT, content_type="text/event-stream"
         )
     try:
-
-        async def read_stream() -> None:
-            async with sdk(gateway.url, key) as client, client.messages.stream(**SIMPLE) as events:
-                async for _ in events:
-                    pass
-
         with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
-            await read_stream()
+            await read_stream(gateway.url, key)
         assert len(upstream.requests) == 1
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("case", "answer"),
+    [
+        # A proxy on the way turned the 529 into a 503: the body still says it.
+        ("503 body", lambda: refusing(503, time.time() + 60, "overloaded_error")),
+        # A 200 stream whose first event is the overload: nothing has reached the
+        # client yet (the gateway holds the headers until the first event).
+        (
+            "first event",
+            lambda: lambda _: Scripted(200, OVERLOADED_EVENT, content_type="text/event-stream"),
+        ),
+    ],
+)
+async def test_an_overload_that_its_status_does_not_tell_cools_and_moves_on(
+    tmp_path: Path,
+    limits_redis: RedisServer,
+    upstream: FakeUpstream,
+    case: str,
+    answer: Callable[[], Callable[[Recorded], Scripted | None]],
+) -> None:
+    keys = upstream_keys(tmp_path)
+    member = member_of(keys)
+    key = new_key()
+    name = "overload-" + case.replace(" ", "-")
+    data = pool_config(
+        tmp_path, limits_redis, upstream, key, "round_robin", name=name,
+        default_cool_down_seconds=30,
+    )  # fmt: skip
+    gateway = await in_process(data)
+    upstream.by_api_key[keys["m1"]] = answer()
+    try:
+        texts = [await read_stream(gateway.url, key) for _ in range(6)]  # no client error
+        assert all(texts)
+        seen = Counter(member(r) for r in upstream.requests)
+        assert seen["m1"] == 1  # asked once, then cooling for the pool's default
+        assert seen["m2"] + seen["m3"] == 6
+    finally:
+        await gateway.stop()
+
+
+async def test_an_overload_after_the_first_byte_is_the_clients_but_cools_the_member(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """The stream had begun: the client gets the error event (never retried), and
+    the member cools down so that the requests after it go to the others."""
+    keys = upstream_keys(tmp_path)
+    member = member_of(keys)
+    key = new_key()
+    data = pool_config(
+        tmp_path, limits_redis, upstream, key, "round_robin", name="overload-mid",
+        default_cool_down_seconds=30,
+    )  # fmt: skip
+    gateway = await in_process(data)
+    upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
+        200, MESSAGE_START + OVERLOADED_EVENT, content_type="text/event-stream"
+    )
+    errors: list[str] = []
+    try:
+        for _ in range(6):
+            try:
+                await read_stream(gateway.url, key)
+            except anthropic.APIStatusError as exc:
+                errors.append(str(exc))
+        seen = Counter(member(r) for r in upstream.requests)
+        assert len(errors) == 1
+        assert "Overloaded" in errors[0]
+        assert seen["m1"] == 1
+        assert seen["m2"] + seen["m3"] == 5
     finally:
         await gateway.stop()
 

@@ -4,7 +4,8 @@ List with limits and this month's usage, 50 keys a page; create (POST, 303, GET:
 key shown once, on the first view of the page the POST redirects to, and nowhere
 else; a reload or a second submission of the form creates nothing); revoke after a
 confirmation page; login and CSRF as for the other forms; the service's refusals
-shown on the form, escaped.
+shown on the form, escaped. A key may route to a pool instead of an account ("Route to"),
+checked by the service as CreateKey checks it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+from grpc import aio
 
 from keyrelay.auth.core.gateway_keys import KeyRecord, Route
 from keyrelay.auth.rpc.server import RunningServer
+from keyrelay.auth.v1 import auth_pb2, auth_pb2_grpc
 from keyrelay.auth.web.keys_page import PAGE_SIZE, keys_page, page_of
 from keyrelay.auth.web.sessions import REVEAL_TTL_SECONDS
 from keyrelay.gateway.core.usage import Usage
@@ -31,6 +34,7 @@ from keyrelay.logs import JsonFormatter
 from tests.integration.test_gateway_keys import everything_in_redis
 from tests.integration.test_usage import key_subject, limits, record
 from tests.integration.test_web import admin, anonymous
+from tests.support.stack import admin_md, gateway_md
 from tests.support.web import WebAdmin, form
 
 __all__ = ["admin", "anonymous", "limits"]  # fixtures, shared with test_web and test_usage
@@ -429,6 +433,123 @@ def test_a_key_naming_a_pool_shows_the_pool_where_the_account_goes() -> None:
         )
         == 1
     )
+
+
+# -- a key for a pool ---------------------------------------------------------------------
+
+
+async def rpc_keys(web_server: RunningServer) -> list[auth_pb2.GatewayKey]:
+    """ListKeys over gRPC, as a gateway loads the keys (and as an admin lists them)."""
+    async with aio.insecure_channel(f"127.0.0.1:{web_server.port}") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        as_gateway = await stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=gateway_md())
+        as_admin = await stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin_md())
+    assert list(as_gateway.keys) == list(as_admin.keys)
+    return list(as_gateway.keys)
+
+
+async def test_a_pool_key_from_the_form(admin: WebAdmin, web_server: RunningServer) -> None:
+    page = (await admin.get("/keys")).text
+    assert re.search(r'<select id="route" name="route"><option value="account" selected>', page)
+    assert '<option value="pool">a pool</option>' in page
+    assert '<input name="pool" value="" maxlength="64" size="16" list="pool-names">' in page
+    assert '<datalist id="pool-names"></datalist>' in page  # no key names a pool yet
+
+    response = await create(
+        admin, name="team-bot", route="pool", pool="team.a_1-x", requests_per_minute="30"
+    )
+    assert response.status_code == 200, response.text[:3000]
+    secret = secret_of(response)
+    assert "Created gateway key team-bot" in response.text
+    key = await only_key(web_server)
+    assert key.key_sha256 == key_hash(secret)
+    assert key.route == Route("", "pool", "default", "default", "team.a_1-x")
+    assert key.limits == Limits(requests_per_minute=30)
+
+    listed = (await admin.get("/keys")).text
+    row = row_of(listed, key.key_id)
+    assert '<td>pool team.a_1-x <span class="muted">pool · default · default</span></td>' in row
+    assert "30 requests/min" in row
+    # Offered to pick on the next key.
+    assert '<datalist id="pool-names"><option value="team.a_1-x"></datalist>' in listed
+
+    (rpc,) = await rpc_keys(web_server)
+    assert (rpc.key_id, rpc.name, rpc.key_sha256) == (key.key_id, "team-bot", key.key_sha256)
+    assert rpc.route == auth_pb2.KeyRoute(
+        account_id="", mode="pool", profile="default", upstream="default", pool="team.a_1-x"
+    )
+    assert not rpc.route.account_id
+
+    # An account key next to it still routes to its account, with no pool.
+    secret_of(await create(admin, name="by-account", account_id="acct", pool=""))
+    routes = {
+        k.name: (k.route.account_id, k.route.mode, k.route.pool) for k in await rpc_keys(web_server)
+    }
+    assert routes == {"team-bot": ("", "pool", "team.a_1-x"), "by-account": ("acct", "oauth", "")}
+
+
+NOT_BOTH = "route.pool: a key names a pool or its own credential, not both"
+BAD_POOL = "route.pool must be 1-64 characters of letters, digits and ._- starting with"
+
+
+@pytest.mark.parametrize(
+    ("values", "message", "marked"),
+    [
+        # "Route to" a pool with no pool named (nothing typed, or only blanks).
+        ({"route": "pool", "pool": ""}, "route.mode 'pool' needs route.pool", "route"),
+        ({"route": "pool", "pool": "   "}, "route.mode 'pool' needs route.pool", "route"),
+        ({"route": "pool", "pool": "", "account_id": "acct"}, "route.mode 'pool'", "route"),
+        # A pool and an account: never both, whichever was chosen.
+        ({"route": "pool", "pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),
+        ({"route": "account", "pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),
+        ({"pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),  # no choice sent
+        # "Route to" an account with only a pool typed: the account is what is missing.
+        (
+            {"route": "account", "pool": "team", "account_id": ""},
+            "route.account_id is",
+            "account_id",
+        ),
+        # The pool's name: the service's rule (as for a profile's name).
+        ({"route": "pool", "pool": "p" * 65}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "p" * 5000}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "team a"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "team/../x"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "-team"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": ".team"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "team@x"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "t\u00e9am"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "\uff54eam"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "te\x00am"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "te\nam"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "<script>alert(1)</script>"}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": '"><img src=x onerror=alert(2)>'}, BAD_POOL, "pool"),
+        ({"route": "pool", "pool": "' autofocus onfocus='alert(3)"}, BAD_POOL, "pool"),
+        # A choice the form does not offer.
+        ({"route": "api_key", "pool": "team"}, "route.mode: the form routes a key to", "route"),
+        ({"route": "<b>pool</b>", "pool": "team"}, "route.mode: the form routes a key to", "route"),
+    ],
+)
+async def test_a_bad_pool_is_shown_on_the_form_and_makes_no_key(
+    admin: WebAdmin, web_server: RunningServer, values: dict[str, str], message: str, marked: str
+) -> None:
+    response = await create(admin, **{"name": "pool-key", "account_id": "", **values})
+    assert response.status_code == 400, response.text[:3000]
+    assert "Traceback" not in response.text
+    assert 'class="flash error"' in response.text
+    assert html.escape(message) in response.text
+    assert re.findall(r'name="(\w+)"[^>]*aria-invalid="true"', response.text) == [marked]
+    for value in values.values():  # what was typed: kept, escaped
+        if any(c in value for c in "<>\"'"):
+            assert value not in response.text
+            assert html.escape(value, quote=True) in response.text
+    assert "<script>" not in response.text
+    kept = form(response.text, "/keys")
+    assert kept["pool"] == values["pool"].strip()
+    chosen = values.get("route", "account")
+    if chosen in ("account", "pool"):  # the choice kept too
+        assert f'<option value="{chosen}" selected>' in response.text
+    assert await key_count(web_server) == 0
+    assert await rpc_keys(web_server) == []
 
 
 # -- revoke -------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def documented() -> dict[str, frozenset[str]]:
 
 class _Counts:
     hits = misses = rpcs = 0
+    disconnected: frozenset[str] = frozenset()
 
 
 def _exposed(registry: CollectorRegistry, prefix: str) -> dict[str, frozenset[str]]:

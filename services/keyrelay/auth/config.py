@@ -46,8 +46,8 @@ TOKEN_AUTH_METHODS: tuple[TokenAuthMethod, ...] = (
     "client_secret_post",
 )
 DEFAULT_ENCRYPTION_KEYS_ENV = "KEYRELAY_ENCRYPTION_KEYS"
-PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,14 +112,14 @@ from keyrelay.tracing import NOOP_TRACER, Tracer
 
 log = logging.getLogger("keyrelay.auth")
 
-FLOW_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+FLOW_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}\Z")
 # Larger minimums would make every call refresh when the provider issues
 # shorter-lived tokens; an hour is the common access-token lifetime.
 MAX_MIN_TTL_SECONDS = 3600
 DEFAULT_TIMINGS = Timings()
 # Between tries to store tokens the provider already issued (Redis down meanwhile).
 STORE_RETRY_SECONDS = 0.5
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 MAX_EVENT_ID_PART = 2**64 - 1  # each half of a Redis stream id is a 64-bit number
 # Store errors: one log line per operation and error class per this many seconds
 # (each line counts those left out; the metric counts every error).

@@ -42,7 +42,7 @@ Mode = Literal["oauth", "api_key", "auto"]
 MODES: tuple[Mode, ...] = ("oauth", "api_key", "auto")
 # A route's mode: a credential's, or "pool" for a key that names a pool (DESIGN §6.3).
 RouteMode = Literal["oauth", "api_key", "auto", "pool"]
-KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 # A [[keys]] entry without mode, profile or upstream takes these. A pool member
 # without mode takes DEFAULT_MODE too, unless it has an api_key and no account:
 # then "api_key" (the only mode it can have).

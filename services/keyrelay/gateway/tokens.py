@@ -230,6 +230,12 @@ class TokenClient:
         # so), until CONNECTED, REFRESHED or a token: pools skip their oauth members.
         # At most one entry per account of the auth service.
         self.disconnected: set[str] = set()
+        # CONNECTED, REFRESHED and DISCONNECTED events applied per account: a GetToken
+        # answer moves the mark only if none was applied while it was in flight (the
+        # event is newer). As bounded as _floor. _marks_cleared counts the times every
+        # mark was forgotten (an event stream restarted without a cursor): as new.
+        self._mark_events: dict[str, int] = {}
+        self._marks_cleared = 0
         # Told of KEY_CHANGED events and of where the stream's unbroken run starts.
         self.listener: EventListener | None = None
         self.hits = 0
@@ -281,6 +287,7 @@ class TokenClient:
 
     async def _fetch(self, account_id: str, stale_generation: int) -> CachedToken:
         self.rpcs += 1
+        marks = self._marks_of(account_id)
         try:
             reply = await self._get_token(
                 auth_pb2.GetTokenRequest(
@@ -293,10 +300,11 @@ class TokenClient:
             )
         except aio.AioRpcError as exc:
             error = token_error(exc, account_id)
-            if error.status == 401:
+            if error.status == 401 and self._marks_of(account_id) == marks:
                 self.disconnected.add(account_id)
             raise error from None
-        self.disconnected.discard(account_id)
+        if self._marks_of(account_id) == marks:
+            self.disconnected.discard(account_id)
         token = CachedToken(
             reply.access_token,
             reply.token_type or "Bearer",
@@ -306,6 +314,11 @@ class TokenClient:
         if token.generation >= self._floor.get(account_id, 0):
             self._cache[account_id] = token
         return token
+
+    def _marks_of(self, account_id: str) -> tuple[int, int]:
+        """What has moved ``account_id``'s disconnected mark so far, as a value that
+        changes whenever something does (an event, or all marks forgotten)."""
+        return self._marks_cleared, self._mark_events.get(account_id, 0)
 
     def evict(self, account_id: str, generation: int = 0) -> None:
         self._cache.pop(account_id, None)
@@ -320,6 +333,7 @@ class TokenClient:
             auth_pb2.AccountEvent.CONNECTED,
         ):
             self.evict(event.account_id, event.generation)
+            self._mark_events[event.account_id] = self._mark_events.get(event.account_id, 0) + 1
             if event.kind == auth_pb2.AccountEvent.DISCONNECTED:
                 self.disconnected.add(event.account_id)
             else:
@@ -373,6 +387,7 @@ class TokenClient:
             if not first:
                 self._cache.clear()
                 self.disconnected.clear()  # a reconnection may be among those missed
+                self._marks_cleared += 1  # (a GetToken in flight is older than this)
             self._run_started("")
 
     def _run_started(self, cursor: str) -> None:

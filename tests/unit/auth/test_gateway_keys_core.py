@@ -5,6 +5,7 @@ rule are in tests/integration/test_gateway_keys.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -14,8 +15,11 @@ from keyrelay.auth.core.gateway_keys import (
     Route,
     limits_from,
     validate_changes,
+    validate_key_id,
+    validate_name,
     validate_route,
 )
+from keyrelay.auth.core.ids import validate_account_id
 from keyrelay.auth.store.keys_store import change_fields, limits_of_stored, stored_limits
 from keyrelay.limit_rules import (
     MAX_TOKENS_PER_MINUTE,
@@ -190,3 +194,21 @@ def test_a_pool_route_that_is_not_one(route: Route, message: str) -> None:
     with pytest.raises(InvalidArgument) as raised:
         validate_route(route)
     assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        lambda: validate_name("alice\n"),
+        lambda: validate_key_id("gk-0123456789abcdef\n"),
+        lambda: validate_account_id("acct\n"),
+        lambda: validate_route(Route(pool="team\n")),
+        lambda: validate_route(Route("acct\n")),
+        lambda: validate_route(Route("acct", "oauth", "default\n", "")),
+        lambda: validate_route(Route("acct", "oauth", "", "default\n")),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_name(check: Callable[[], object]) -> None:
+    """``$`` also matches before a final newline: every name check ends at ``\\Z``."""
+    with pytest.raises(InvalidArgument):
+        check()

@@ -47,3 +47,20 @@ def test_registry_collect_folds_first() -> None:
         "keyrelay_gateway_requests_total", {"route": "plain", "status": "200", "mode": "metered"}
     )
     assert value == 1.0
+
+
+def test_disconnected_accounts_are_read_at_scrape_time() -> None:
+    class Tokens:
+        hits = misses = rpcs = 0
+
+        def __init__(self) -> None:
+            self.disconnected: set[str] = set()
+
+    metrics, tokens = GatewayMetrics(), Tokens()
+    metrics.watch_token_cache(tokens)
+    name = "keyrelay_gateway_accounts_disconnected"
+    assert metrics.registry.get_sample_value(name) == 0.0
+    tokens.disconnected |= {"a", "b"}
+    assert metrics.registry.get_sample_value(name) == 2.0
+    tokens.disconnected.discard("a")
+    assert metrics.registry.get_sample_value(name) == 1.0

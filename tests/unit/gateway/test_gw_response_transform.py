@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from keyrelay.gateway.core.request_transform import Profile, transform_body
 from keyrelay.gateway.core.response_transform import (
     StreamTransformer,
+    error_type_of,
+    first_event,
+    first_event_error_type,
     inspect_response_json,
     transform_response_json,
 )
@@ -534,3 +537,95 @@ def test_one_chunk_of_many_events_reads_only_the_events_that_need_it() -> None:
         assert whole.usage == one_by_one.usage
         assert whole.usage_seen
     assert b'"name":"get_weather"' in run(StreamTransformer(TABLE), [stream])
+
+
+# -- overloads that only the body tells (credential pools) ----------------------------
+
+OVERLOADED_DATA = '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+OVERLOADED = f"event: error\ndata: {OVERLOADED_DATA}\n\n".encode()
+START = b'event: message_start\ndata: {"type":"message_start"}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (OVERLOADED_DATA, "overloaded_error"),
+        (OVERLOADED_DATA.encode(), "overloaded_error"),
+        (b'{"type":"error","error":{"type":"api_error"}}', "api_error"),
+        (b'{"error":{"type":7}}', None),
+        (b'{"error":"overloaded_error"}', None),
+        (b'["error"]', None),
+        (b"not json", None),
+        (b"", None),
+        (None, None),
+        (b"[" * 100_000, None),  # nested beyond the parser
+        (b'{"type":"error","error":{"type":"overloaded_error"', None),  # cut
+    ],
+)
+def test_error_type_of(data: str | bytes | None, expected: str | None) -> None:
+    assert error_type_of(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (OVERLOADED, "overloaded_error"),
+        (OVERLOADED + START, "overloaded_error"),
+        (OVERLOADED.replace(b"\n", b"\r\n"), "overloaded_error"),  # CRLF line ends
+        (b"\xef\xbb\xbf" + OVERLOADED, "overloaded_error"),  # a BOM first
+        (b": keep-alive\n\n" + OVERLOADED, "overloaded_error"),  # a comment first
+        (b"data: {}\n\n" + OVERLOADED, "overloaded_error"),  # no event field: not an event
+        (START + OVERLOADED, None),  # the stream had begun: not its first event
+        (OVERLOADED[:-1], None),  # not whole yet
+        (b"event: error\ndata: not json\n\n", None),
+        (b'event: error\ndata: {"type":"error","error":{"type":"api_error"}}\n\n', "api_error"),
+        (b"event: ping\ndata: {}\n\n", None),
+        (b"", None),
+        (b"\n\n\n\n", None),
+    ],
+)
+def test_first_event_error_type(head: bytes, expected: str | None) -> None:
+    assert first_event_error_type(head) == expected
+
+
+@settings(max_examples=300)
+@given(
+    events=st.lists(
+        st.sampled_from([START, OVERLOADED, b": c\n\n", b"event: ping\ndata: {}\n\n"]),
+        min_size=1,
+        max_size=4,
+    ),
+    crlf=st.booleans(),
+    cut=st.integers(min_value=0, max_value=400),
+)
+def test_first_event_is_the_decoders_first_block_with_an_event(
+    events: list[bytes], crlf: bool, cut: int
+) -> None:
+    """The shortcut for LF streams finds what the decoder finds, whole or cut."""
+    stream = b"".join(events)
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    head = stream[:cut]
+    decoder = SSEDecoder(len(head) + 1)
+    blocks = [b for b in decoder.feed_raw(head) if b"event" in b]
+    assert first_event(head) == (blocks[0] if blocks else None)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([START, OVERLOADED], "overloaded_error"),
+        ([START, OVERLOADED[:10], OVERLOADED[10:]], "overloaded_error"),
+        ([START, b'event: error\ndata: {"error":{"type":"api_error"}}\n\n'], "api_error"),
+        ([START], None),  # cut: the gateway ends it
+        ([START, OVERLOADED[:-1]], None),  # the error event itself cut
+        ([START, b'event: message_stop\ndata: {"type":"message_stop"}\n\n'], None),
+        ([b"event: error\ndata: {" + b"x" * 5000 + b"}\n\n"], None),  # too large to keep
+    ],
+)
+def test_upstream_error_type_of_a_stream(chunks: list[bytes], expected: str | None) -> None:
+    transformer = StreamTransformer(None, 2048)
+    for chunk in chunks:
+        transformer.feed(chunk)
+    transformer.close()
+    assert transformer.upstream_error_type() == expected

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyrelay.gateway.config import UpstreamConfig
+from keyrelay.gateway.core.errors import GatewayError
 from keyrelay.gateway.http.upstream import UpstreamResponse, _Connection, _Pool
 
 
@@ -140,3 +141,72 @@ def test_an_answer_cut_short_is_an_error_never_a_shorter_body(
     assert response._error is not None
     assert "broke the connection" in response._error.message
     assert not response._complete
+
+
+def start(loop: asyncio.AbstractEventLoop, head: bytes) -> tuple[UpstreamResponse, _Connection]:
+    """An answer whose first bytes (``head``) have arrived; the rest is fed by the test."""
+    response, connection, _ = feed(loop, head, [])
+    response._start_timer()
+    return response, connection
+
+
+def has_blank_line(head: bytes) -> bool:
+    return b"\n\n" in head
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=payloads,
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=20),
+    limit=st.integers(min_value=1, max_value=2000),
+    stream=st.booleans(),
+)
+def test_peek_leaves_the_body_for_the_reader(
+    loop: asyncio.AbstractEventLoop, parts: list[bytes], cuts: list[int], limit: int, stream: bool
+) -> None:
+    """What ``peek`` saw is the body's start, and the reader still gets all of it,
+    whatever the reads: ``read_all`` or ``chunks``."""
+    body = b"".join(parts)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    rest = chunked(parts)
+    response, connection = start(loop, head)
+
+    async def scenario() -> tuple[bytes, bytes]:
+        peeking = asyncio.ensure_future(response.peek(limit, has_blank_line))
+        offset = 0
+        for cut in [*sorted({c for c in cuts if 0 < c < len(rest)}), len(rest)]:
+            await asyncio.sleep(0)
+            connection.data_received(rest[offset:cut])
+            offset = cut
+        seen = await peeking
+        if stream:
+            read = b"".join([chunk async for chunk in response.chunks()])
+        else:
+            read = await response.read_all()
+        return seen, read
+
+    seen, read = loop.run_until_complete(scenario())
+    response._stop_timer()
+    assert read == body
+    assert body.startswith(seen)
+    # It stopped at the first of: enough seen, more than the limit, the end.
+    assert has_blank_line(seen) or len(seen) > limit or seen == body
+
+
+def test_peek_returns_when_the_answer_breaks_and_the_reader_meets_the_error(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    response, connection = start(loop, head + b"event: err")
+
+    async def scenario() -> bytes:
+        peeking = asyncio.ensure_future(response.peek(1000, has_blank_line))
+        await asyncio.sleep(0)
+        connection.connection_lost(None)  # the upstream went away mid-body
+        return await peeking
+
+    assert loop.run_until_complete(scenario()) == b"event: err"
+    with pytest.raises(GatewayError, match="broke the connection"):
+        loop.run_until_complete(response.read_all())

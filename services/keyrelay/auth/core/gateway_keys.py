@@ -62,10 +62,10 @@ DEFAULT_UPSTREAM: Final = "default"
 LIMIT_FIELDS: Final = ("requests_per_minute", "tokens_per_minute", "concurrent_requests")
 MAX_EXPIRES_AT: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
 
-KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
-ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KEY_ID = re.compile(r"^gk-[0-9a-f]{16}$")
-KEY_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+KEY_ID = re.compile(r"^gk-[0-9a-f]{16}\Z")
+KEY_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import re
 
 from keyrelay.auth.core.errors import InvalidArgument
 
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
 
 
 def validate_account_id(account_id: str, field: str = "account_id") -> str:

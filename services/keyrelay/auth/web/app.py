@@ -112,7 +112,7 @@ LOGIN_COOKIE = "keyrelay_login"
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_FORM_BYTES = 64 * 1024
 USAGE_DAYS = 30  # the usage page's chart
-FORM_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
+FORM_ID = re.compile(r"^[A-Za-z0-9_-]{32}\Z")  # secrets.token_urlsafe(24)
 
 # The usual gRPC → HTTP mapping (as grpc-gateway does it).
 HTTP_STATUS: Mapping[type[AuthError], int] = {
@@ -585,6 +585,7 @@ class WebApp:
             values=values,
             error=error,
             now=now,
+            pools=sorted({r.route.pool for r in records if r.route.pool}),
         )
         return html_response(body, status)
 

@@ -10,7 +10,9 @@ meanwhile, or the number is huge).
 takes; what it cannot read (a limit that is not a whole number, say) is an
 ``InvalidArgument`` naming the field the way the service names it, so the page
 shows every refusal the same way: a message above the form, the field marked,
-the values kept.
+the values kept. A key routes to an account or, chosen under "Route to", to a pool of
+the gateways' config (``route.pool``): the form sends what was typed, and the service
+checks it (``gateway_keys.validate_route``: the pool's name, and never both).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from keyrelay.auth.core.errors import InvalidArgument
-from keyrelay.auth.core.gateway_keys import LIMIT_FIELDS, KeyRecord, Route, limits_from
+from keyrelay.auth.core.gateway_keys import (
+    LIMIT_FIELDS,
+    POOL_MODE,
+    KeyRecord,
+    Route,
+    limits_from,
+)
 from keyrelay.auth.web.pages import Flash, Html, flash_list, join, page, render, when
 from keyrelay.limit_rules import BUDGET_PERIODS, BUDGET_UNITS, Limits
 from keyrelay.usage_layout import UsageRecord
@@ -31,6 +39,7 @@ from keyrelay.usage_layout import UsageRecord
 __all__ = [
     "FORM_FIELDS",
     "PAGE_SIZE",
+    "ROUTE_CHOICES",
     "KeyForm",
     "KeysPage",
     "field_of",
@@ -45,16 +54,19 @@ __all__ = [
 ]
 
 PAGE_SIZE: Final = 50
-_DIGITS = re.compile(r"^[0-9]+$")
+_DIGITS = re.compile(r"^[0-9]+\Z")
 _HUGE_PAGE: Final = 10**18  # more digits are not parsed: past the last page anyway
 DAY_SECONDS = 86_400
 MAX_EXPIRY_DAYS = 36_500  # a hundred years: "never" is the empty field
 _NONE = Html("&ndash;")
+ROUTE_CHOICES: Final = ("account", "pool")  # the form's "Route to"; absent: account
 
 # The create form's fields, each with its label and where the service's messages name it.
 FORM_FIELDS: Mapping[str, tuple[str, str]] = {
     "name": ("Name", "name"),
+    "route": ("Route to", "route.mode"),
     "account_id": ("Account", "route.account_id"),
+    "pool": ("Pool", "route.pool"),
     "requests_per_minute": ("Requests/min", "limits.requests_per_minute"),
     "tokens_per_minute": ("Tokens/min", "limits.tokens_per_minute"),
     "concurrent_requests": ("Concurrent", "limits.concurrent_requests"),
@@ -94,7 +106,8 @@ def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
     Empty limits are unset; a budget is set by its amount (unit and period then
     apply); an empty expiry is "never". The limits are checked here, by the rules
     ``CreateKey`` applies (``limits_from``: the same messages); the name, route and
-    expiry's ranges are the service's to check."""
+    expiry's ranges are the service's to check (``validate_route`` for the pool)."""
+    route = _route(values)
     limits: dict[str, object] = {field: _whole(values, field) for field in LIMIT_FIELDS}
     amount_text = values.get("budget_amount", "")
     if amount_text:
@@ -121,10 +134,29 @@ def parse_key_form(values: Mapping[str, str], now: float) -> KeyForm:
         )
     return KeyForm(
         name=values.get("name", ""),
-        route=Route(account_id=values.get("account_id", "")),
+        route=route,
         limits=checked,
         expires_at=0 if days is None else int(now) + days * DAY_SECONDS,
     )
+
+
+def _route(values: Mapping[str, str]) -> Route:
+    """The route as typed, for the service to check. "Route to" a pool: mode ``pool`` and
+    the pool, with an account typed too (refused: not both); an empty pool is refused as
+    "mode 'pool' needs route.pool". To an account: the account (mode: the service's
+    default, oauth), with a pool typed too when there is an account (refused: not both);
+    without an account, the account is what is missing, so a pool typed alone does not
+    make this a pool key."""
+    choice = values.get("route", "") or ROUTE_CHOICES[0]
+    if choice not in ROUTE_CHOICES:
+        raise InvalidArgument(
+            f"route.mode: the form routes a key to an account or a pool (got {choice[:32]!r}); "
+            "reload the page"
+        )
+    account, pool = values.get("account_id", ""), values.get("pool", "")
+    if choice == "pool":
+        return Route(account_id=account, mode=POOL_MODE, pool=pool)
+    return Route(account_id=account, mode="", pool=pool if account else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,21 +326,61 @@ def _select(field: str, options: Sequence[str], values: Mapping[str, str], inval
     )
 
 
-def _create_form(csrf: str, form_id: str, values: Mapping[str, str], invalid: str) -> Html:
+def _route_choice(values: Mapping[str, str], invalid: str) -> Html:
+    """The "Route to" choice: an account or a pool. Its label is its own (``for``), so no
+    other field's label holds its options' words."""
+    chosen = values.get("route") or ROUTE_CHOICES[0]
+    words = {"account": "an account", "pool": "a pool"}
+    return render(
+        '<label for="route">$label</label> <select id="route" name="route"$invalid>'
+        "$options</select>",
+        label=FORM_FIELDS["route"][0],
+        invalid=Html(' aria-invalid="true" autofocus') if invalid == "route" else Html(""),
+        options=join(
+            render(
+                '<option value="$o"$selected>$words</option>',
+                o=o,
+                words=words[o],
+                selected=Html(" selected") if o == chosen else Html(""),
+            )
+            for o in ROUTE_CHOICES
+        ),
+    )
+
+
+def _pool_names(pools: Sequence[str]) -> Html:
+    """The pools live keys name, to pick from (the gateways' config has the pools; this
+    service knows only the names keys use)."""
+    return render(
+        '<datalist id="pool-names">$options</datalist>',
+        options=join(render('<option value="$p">', p=p) for p in pools),
+    )
+
+
+def _create_form(
+    csrf: str, form_id: str, values: Mapping[str, str], invalid: str, pools: Sequence[str]
+) -> Html:
     number = {"inputmode": "numeric", "size": "8"}
     return render(
         '<form method="post" action="/keys" id="create-key">'
         '<input type="hidden" name="csrf" value="$csrf">'
         '<input type="hidden" name="form_id" value="$form_id" autocomplete="off">'
-        "<p>$name $account</p><p>$rpm $tpm $concurrent</p><p>$budget $unit $period</p>"
+        "<p>$name</p><p>$route $account $pool$pool_names</p>"
+        "<p>$rpm $tpm $concurrent</p><p>$budget $unit $period</p>"
         '<p>$expires <button type="submit">Create key</button></p></form>'
-        '<p class="muted">Empty limits mean no limit; usage is recorded only for keys with '
-        "a limit. The key routes to the account's OAuth token (mode oauth, profile and "
-        "upstream <code>default</code>; <code>keyrelay keys new</code> sets the others).</p>",
+        '<p class="muted">Route to an account: the key uses its OAuth token (mode oauth). '
+        "Route to a pool: the key uses the members of the gateways' "
+        "<code>[pools.NAME]</code> (a gateway without that pool refuses the key). A key names "
+        "an account or a pool, not both. Profile and upstream are <code>default</code>; "
+        "<code>keyrelay keys new</code> sets the others. Empty limits mean no limit; usage is "
+        "recorded only for keys with a limit.</p>",
         csrf=csrf,
         form_id=form_id,
         name=_input("name", values, invalid, required="", maxlength="64", size="20"),
-        account=_input("account_id", values, invalid, required="", maxlength="128", size="20"),
+        route=_route_choice(values, invalid),
+        account=_input("account_id", values, invalid, maxlength="128", size="20"),
+        pool=_input("pool", values, invalid, maxlength="64", size="16", list="pool-names"),
+        pool_names=_pool_names(pools),
         rpm=_input("requests_per_minute", values, invalid, **number),
         tpm=_input("tokens_per_minute", values, invalid, **number),
         concurrent=_input("concurrent_requests", values, invalid, **number),
@@ -330,11 +402,12 @@ def keys_page(
     values: Mapping[str, str] | None = None,
     error: str | None = None,
     now: float | None = None,
+    pools: Sequence[str] = (),
 ) -> Html:
     """A page of the list, and the create form. ``usage``: this month's per key hash
     (None: not available); ``form_id``: the form's one-time id (a second submission of
     it creates nothing); ``values``/``error``: a refused form shown again with its
-    message."""
+    message; ``pools``: pool names to offer (those live keys name)."""
     now = time.time() if now is None else now
     form_flashes = flash_list([Flash("error", error)]) if error else Html("")
     note = (
@@ -353,7 +426,7 @@ def keys_page(
         "<section><h2>Gateway keys</h2>$note$table</section>",
         flashes=flash_list(flashes),
         form_flashes=form_flashes,
-        form=_create_form(csrf, form_id, values or {}, field_of(error or "")),
+        form=_create_form(csrf, form_id, values or {}, field_of(error or ""), pools),
         note=note,
         table=_keys_table(listing, usage, now),
     )

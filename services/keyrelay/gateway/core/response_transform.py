@@ -78,6 +78,9 @@ from keyrelay.gateway.core.usage import Usage, UsageTracker, usage_from_body
 __all__ = [
     "JSONResponse",
     "StreamTransformer",
+    "error_type_of",
+    "first_event",
+    "first_event_error_type",
     "inspect_response_json",
     "transform_response_json",
 ]
@@ -87,6 +90,7 @@ _MESSAGE_START = b"message_start"
 _MESSAGE_DELTA = b"message_delta"
 _MESSAGE_STOP = b"message_stop"
 _ERROR = b"error"
+_CR_BYTE = 0x0D
 # The end of the last span forwarded is kept (a reference, or a copy of this many
 # bytes): at the end of the stream, its last event tells whether it was an
 # upstream ``error`` event.
@@ -104,6 +108,15 @@ def _loads(text: str | bytes) -> object:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def error_type_of(data: str | bytes | None) -> str | None:
+    """``error.type`` of an Anthropic error object (an error answer's body, an
+    ``error`` event's data), if ``data`` is one."""
+    parsed = _loads(data) if data else None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 # -- JSON ---------------------------------------------------------------------
@@ -282,8 +295,20 @@ class StreamTransformer:
 
     def _ends_with_error(self) -> bool:
         """Whether the last event forwarded was an upstream ``error`` event."""
+        return self._final_error() is not None
+
+    def _final_error(self) -> bytes | None:
         blocks = split_blocks(self._tail)
-        return bool(blocks) and event_type(blocks[-1]) == _ERROR
+        return blocks[-1] if blocks and event_type(blocks[-1]) == _ERROR else None
+
+    def upstream_error_type(self) -> str | None:
+        """``error.type`` of the upstream ``error`` event forwarded last, if the
+        stream so far ends with one (``overloaded_error`` cools a pool member);
+        None for a stream that ended otherwise or that the gateway ended."""
+        if self._error is not None or self._stopped:  # (stopped: message_stop went out)
+            return None
+        block = self._final_error()
+        return None if block is None else error_type_of(parse_event(block).data)
 
     def _too_large_message(self) -> str:
         return (
@@ -408,3 +433,29 @@ class StreamTransformer:
             return head
         self._error = message
         return head + error_event("api_error", message)
+
+
+def first_event(head: bytes) -> bytes | None:
+    """The first whole event of a stream that starts with ``head`` (a block with
+    an ``event`` field; comments and blocks without one are passed over), or None
+    while none has arrived whole."""
+    end = head.find(b"\n\n")  # the common shape: LF line ends, the first block an event
+    if end > 0 and _CR_BYTE not in head[:end]:
+        block = head[: end + 2]
+        if event_type(block) is not None:
+            return block
+    decoder = SSEDecoder(len(head) + 1)
+    for block in decoder.feed_raw(head):
+        if event_type(block) is not None:
+            return block
+    return None
+
+
+def first_event_error_type(head: bytes) -> str | None:
+    """``error.type`` when the first whole event in ``head`` is an ``error`` event
+    (a 200 stream that opens with ``overloaded_error``, before any byte of it has
+    reached the client), else None."""
+    block = first_event(head)
+    if block is None or event_type(block) != _ERROR:
+        return None
+    return error_type_of(parse_event(block).data)

@@ -32,11 +32,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -60,6 +59,7 @@ from keyrelay.gateway.core.errors import (
 )
 from keyrelay.gateway.core.pools import (
     COOLING_STATUSES,
+    OVERLOADED_ERROR,
     Pool,
     Strategy,
     all_cooling_retry_after,
@@ -76,7 +76,13 @@ from keyrelay.gateway.core.request_transform import (
     transform_headers,
     transform_request,
 )
-from keyrelay.gateway.core.response_transform import StreamTransformer, inspect_response_json
+from keyrelay.gateway.core.response_transform import (
+    StreamTransformer,
+    error_type_of,
+    first_event,
+    first_event_error_type,
+    inspect_response_json,
+)
 from keyrelay.gateway.core.usage import Billing, Usage
 from keyrelay.gateway.http.front_door import note
 from keyrelay.gateway.http.metrics import GatewayMetrics
@@ -168,6 +174,7 @@ class Outcome:
     # pool member that served (its name; None without a pool).
     account: str | None = None
     member: str | None = None
+    member_id: str | None = None  # (its id: what its cool-down is kept under)
     pool_retries: int = 0  # members that cooled down before one served
     served_by: Subject | None = None  # the pool member's usage subject
 
@@ -182,17 +189,6 @@ class _Call:
     raw: bytes
     query: list[tuple[str, str]]
     headers: list[tuple[bytes, bytes]]
-
-
-def _error_type(data: bytes) -> str | None:
-    """``error.type`` of an Anthropic error body, if it is one."""
-    try:
-        parsed = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser
-        return None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    kind = error.get("type") if isinstance(error, dict) else None
-    return kind if isinstance(kind, str) else None
 
 
 def gateway_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -627,6 +623,25 @@ class GatewayApp:
         )
         return response, request
 
+    def _available(self, pooled: PoolRoute) -> tuple[Mapping[str, float], int]:
+        """The pool's members cooling down now (id -> until), and the availability
+        mask: those neither cooling nor of a disconnected account."""
+        cooldowns = self.cooldowns
+        assert cooldowns is not None  # a pool needs the limits store (config)
+        pool = pooled.pool
+        now = time.time()
+        cooling = cooldowns.cooling(pool.name, now)
+        tokens = self.tokens
+        gone = tokens.disconnected if tokens is not None else None
+        if not cooling and not gone:
+            return cooling, pool.all_mask
+        disconnected = (
+            [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
+            if gone
+            else ()
+        )
+        return cooling, available_mask(pool, now, cooling, disconnected)
+
     def _order(self, pool: Pool, call: _Call, available: int) -> tuple[int, ...]:
         """``pools.order`` of the ``available`` members for ``call``. An affinity
         session's order is remembered: a session asks again and again (that is what
@@ -646,18 +661,35 @@ class GatewayApp:
         return order(pool, None, available, counter)
 
     async def _cool(
-        self, pool: str, member: str, pooled: PoolRoute, response: UpstreamResponse
+        self,
+        pool: str,
+        member: str,
+        pooled: PoolRoute,
+        response: UpstreamResponse,
+        error_type: str | None = None,
     ) -> float:
-        """A member answered 429 or 529: it cools down until the reset the answer
-        gives (README, "Credential pools"), for every worker; returns until when."""
+        """A member answered 429, 529 or ``overloaded_error`` (``error_type``, when
+        already read): it cools down until the reset the answer gives (README,
+        "Credential pools"), for every worker; returns until when. The answer is
+        released."""
+        if error_type is None:
+            # A body cut or too large: the status alone decides.
+            with contextlib.suppress(GatewayError):
+                error_type = error_type_of(await response.read_all())
+        response.release()
+        return self._note_cool(pool, member, pooled, response, error_type)
+
+    def _note_cool(
+        self,
+        pool: str,
+        member: str,
+        pooled: PoolRoute,
+        response: UpstreamResponse,
+        error_type: str | None,
+    ) -> float:
+        """``member`` cools down after ``response`` (``cool_down_until``; a default
+        when it says nothing), noted for every worker; returns until when."""
         assert self.cooldowns is not None
-        try:
-            data = await response.read_all()
-        except GatewayError:  # a body cut or too large: the status alone decides
-            data = b""
-        finally:
-            response.release()
-        error_type = _error_type(data)
         at = time.time()
         until = cool_down_until(
             response.status,
@@ -718,21 +750,7 @@ class GatewayApp:
         next one is tried, since nothing has reached the client yet. Any other
         answer is the client's. None served: 429 with the earliest return."""
         pool = pooled.pool
-        cooldowns = self.cooldowns
-        assert cooldowns is not None  # a pool needs the limits store (config)
-        now = time.time()
-        tokens = self.tokens
-        cooling = cooldowns.cooling(pool.name, now)
-        gone = tokens.disconnected if tokens is not None else None
-        if cooling or gone:
-            disconnected = (
-                [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
-                if gone
-                else ()
-            )
-            available = available_mask(pool, now, cooling, disconnected)
-        else:
-            available = pool.all_mask
+        cooling, available = self._available(pooled)
         tried = self._order(pool, call, available)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
@@ -760,11 +778,15 @@ class GatewayApp:
                 refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
                 tally.inc(attempts(pool.name, member.name, "no_credential"))
                 continue
+            overloaded = None
             if response.status not in COOLING_STATUSES:
-                served, outcome.served_by = self._served[pool.name][index]
-                tally.inc(served)
-                return response, request
-            cooled.append(await self._cool(pool.name, member.id, pooled, response))
+                overloaded = await _overloaded(response)
+                if overloaded is None:
+                    served, outcome.served_by = self._served[pool.name][index]
+                    outcome.member_id = member.id
+                    tally.inc(served)
+                    return response, request
+            cooled.append(await self._cool(pool.name, member.id, pooled, response, overloaded))
             tally.inc(attempts(pool.name, member.name, "cooled"))
             outcome.pool_retries += 1
         outcome.member, outcome.account, outcome.billing = None, None, None
@@ -823,6 +845,13 @@ class GatewayApp:
                 # Headers are out: the failure travels as an error event.
                 tail = transformer.abort(error.message, error.kind.type)
             outcome.error = transformer.error
+            pooled, member = route.pool, outcome.member_id
+            if pooled is not None and member is not None:
+                # Overloaded after the first byte: not retried (the client has its
+                # first events), but the member cools down all the same.
+                error_type = transformer.upstream_error_type()
+                if error_type == OVERLOADED_ERROR:
+                    self._note_cool(pooled.pool.name, member, pooled, response, error_type)
         finally:
             # Also when the client went away (a cancel): the usage seen so far counts.
             outcome.usage = transformer.usage if transformer.usage_seen else None
@@ -983,6 +1012,28 @@ async def _send_body(send: Send, data: bytes) -> None:
     for start in range(0, len(data), _SEND_BYTES):
         piece = data[start : start + _SEND_BYTES]
         await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+
+# What of an answer is read for an overload that its status does not tell: an
+# error body, or a stream's first event (the Messages API's are far smaller).
+_PEEK_BYTES: Final = 16 << 10
+
+
+async def _overloaded(response: UpstreamResponse) -> str | None:
+    """``overloaded_error`` when an answer that is not a 429 or 529 says so all the
+    same, before any of it has reached the client: a 5xx whose error body has
+    that type (a proxy on the way may turn a 529 into a 503), or a 200 stream
+    whose first event is such an ``error`` event; else None. What is read to
+    know stays in the answer, for the client (``UpstreamResponse.peek``)."""
+    status = response.status
+    if status >= 500:
+        error_type = error_type_of(await response.peek(_PEEK_BYTES))
+    elif status == 200 and response.content_type.startswith(b"text/event-stream"):
+        head = await response.peek(_PEEK_BYTES, lambda head: first_event(head) is not None)
+        error_type = first_event_error_type(head)
+    else:
+        return None
+    return error_type if error_type == OVERLOADED_ERROR else None
 
 
 def _too_large(limit: int) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar
 
@@ -269,6 +269,10 @@ class TokenCacheCounts(Protocol):
     misses: int
     rpcs: int
 
+    @property
+    def disconnected(self) -> Collection[str]:
+        """Accounts known to be disconnected (pools skip their members)."""
+
 
 # Why a request was refused before the app saw it whole (and the status it got).
 REJECT_REASONS: Final = (
@@ -358,6 +362,12 @@ class _TokenCacheCollector(Collector):
         )
         rpcs.add_metric([], self._cache.rpcs)
         yield rpcs
+        disconnected = GaugeMetricFamily(
+            "keyrelay_gateway_accounts_disconnected",
+            "Accounts this worker knows to be disconnected (pools skip their members)",
+        )
+        disconnected.add_metric([], len(self._cache.disconnected))
+        yield disconnected
 
 
 class UpstreamPoolMetrics(Collector):

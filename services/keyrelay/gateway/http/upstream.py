@@ -59,7 +59,7 @@ import select
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 from urllib.parse import urlencode, urlsplit
@@ -228,6 +228,23 @@ class UpstreamResponse:
             if self._complete:
                 # One read is the common case for a Messages API answer: no copy then.
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+            await self._wait()
+
+    async def peek(self, limit: int, enough: Callable[[bytes], bool] | None = None) -> bytes:
+        """The body's first bytes, left in place for ``read_all`` or ``chunks``: what
+        has arrived once ``enough`` says so (None: never), the body is complete, it
+        failed (the reader meets the error), or more than ``limit`` bytes are here.
+        The bytes peeked count against the buffer as any unread bytes do; call it
+        before reading, with a ``limit`` well under ``HIGH_WATER_BYTES``."""
+        while True:
+            head = b"".join(self._chunks)
+            if (
+                self._complete
+                or self._error is not None
+                or len(head) > limit
+                or (head and enough is not None and enough(head))
+            ):
+                return head
             await self._wait()
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
