@@ -58,6 +58,35 @@ def upstream_keys(tmp_path: Path) -> dict[str, str]:
     return keys
 
 
+def pool_gateway_data(
+    tmp_path: Path,
+    redis: RedisServer,
+    upstream: FakeUpstream,
+    key: str,
+    name: str,
+    members: list[dict[str, Any]],
+    *,
+    strategy: str = "affinity",
+    auth: dict[str, Any] | None = None,
+    **pool: Any,
+) -> dict[str, Any]:
+    """A gateway config whose one key, ``key``, names the pool ``name`` of
+    ``members``; the limits store on ``redis`` (pools need it); ``[gateway.auth]``
+    when given."""
+    gateway: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "limits": {"redis_url": {"file": url_file(tmp_path, redis)}, "key_prefix": PREFIX},
+    }
+    if auth is not None:
+        gateway["auth"] = auth
+    return {
+        "gateway": gateway,
+        "upstreams": {"default": {"url": upstream.url, "read_timeout_seconds": 10}},
+        "pools": {name: {"strategy": strategy, "members": members, **pool}},
+        "keys": [{"name": "alice", "hash": key_hash(key), "pool": name}],
+    }
+
+
 def pool_config(
     tmp_path: Path,
     redis: RedisServer,
@@ -69,24 +98,12 @@ def pool_config(
 ) -> dict[str, Any]:
     """A pool of the three members for ``key``. The limits Redis is shared by the
     tests of this module, and so are cool-downs by pool name: each test names its own."""
-    return {
-        "gateway": {
-            "listen": "127.0.0.1:0",
-            "limits": {"redis_url": {"file": url_file(tmp_path, redis)}, "key_prefix": PREFIX},
-        },
-        "upstreams": {"default": {"url": upstream.url, "read_timeout_seconds": 10}},
-        "pools": {
-            name: {
-                "strategy": strategy,
-                "members": [
-                    {"name": name, "api_key": {"file": str(tmp_path / f"{name}.key")}}
-                    for name in MEMBERS
-                ],
-                **pool,
-            }
-        },
-        "keys": [{"name": "alice", "hash": key_hash(key), "pool": name}],
-    }
+    members = [
+        {"name": member, "api_key": {"file": str(tmp_path / f"{member}.key")}} for member in MEMBERS
+    ]
+    return pool_gateway_data(
+        tmp_path, redis, upstream, key, name, members, strategy=strategy, **pool
+    )
 
 
 def member_of(keys: dict[str, str]) -> Callable[[Recorded], str]:
@@ -525,24 +542,16 @@ async def test_a_disconnected_account_leaves_the_pool_on_every_worker_and_return
     await connect(stub, "pool-a", login="pool-user-a")
     await connect(stub, "pool-b", login="pool-user-b")
     key = new_key()
-    data: dict[str, Any] = {
-        "gateway": {
-            "listen": "127.0.0.1:0",
-            "auth": auth_client_data([auth.port]),
-            "limits": {
-                "redis_url": {"file": url_file(tmp_path, limits_redis)},
-                "key_prefix": PREFIX,
-            },
-        },
-        "upstreams": {"default": {"url": upstream.url, "read_timeout_seconds": 10}},
-        "pools": {
-            "accounts": {
-                "strategy": "round_robin",
-                "members": [{"account": "pool-a"}, {"account": "pool-b"}],
-            }
-        },
-        "keys": [{"name": "alice", "hash": key_hash(key), "pool": "accounts"}],
-    }
+    data = pool_gateway_data(
+        tmp_path,
+        limits_redis,
+        upstream,
+        key,
+        "accounts",
+        [{"account": "pool-a"}, {"account": "pool-b"}],
+        strategy="round_robin",
+        auth=auth_client_data([auth.port]),
+    )
     # Three workers in this process (the auth service runs in its loop too), each
     # with its own token cache and event stream.
     workers = [await in_process(data) for _ in range(3)]

@@ -61,6 +61,9 @@ SERVICE_CONFIG: Final = json.dumps(
 
 # /readyz answers within this (the kubelet's probe waits 3 s: deploy/base/gateway.yaml).
 READY_DEADLINE_SECONDS: Final = 0.8
+# After a GetToken the auth service did not answer (unreachable, timed out), this
+# long during which a pool tries first the members that need no GetToken.
+UNREACHABLE_SECONDS: Final = 5.0
 AUTH_SERVICE: Final = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # GetAccount of an account that does not exist: NOT_FOUND says the store answered.
 READY_PROBE_ACCOUNT: Final = "readyz-probe"
@@ -236,6 +239,9 @@ class TokenClient:
         # mark was forgotten (an event stream restarted without a cursor): as new.
         self._mark_events: dict[str, int] = {}
         self._marks_cleared = 0
+        # Until when (clock) the auth service counts as unreachable: the last GetToken
+        # failed for want of an answer (UNREACHABLE_SECONDS after it); 0: it answered.
+        self.unreachable_until = 0.0
         # Told of KEY_CHANGED events and of where the stream's unbroken run starts.
         self.listener: EventListener | None = None
         self.hits = 0
@@ -251,6 +257,11 @@ class TokenClient:
     def call_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """The service token, as every call to the auth service carries it."""
         return self._metadata
+
+    def cached(self, account_id: str) -> bool:
+        """Whether ``get`` would answer from the cache, without a GetToken."""
+        cached = self._cache.get(account_id)
+        return cached is not None and cached.expires_at - self._skew > self._clock()
 
     async def get(self, account_id: str) -> CachedToken:
         cached = self._cache.get(account_id)
@@ -300,9 +311,14 @@ class TokenClient:
             )
         except aio.AioRpcError as exc:
             error = token_error(exc, account_id)
-            if error.status == 401 and self._marks_of(account_id) == marks:
-                self.disconnected.add(account_id)
+            if error.status == 503:  # (also: it refused this gateway's service token)
+                self.unreachable_until = self._clock() + UNREACHABLE_SECONDS
+            else:
+                self.unreachable_until = 0.0
+                if error.status == 401 and self._marks_of(account_id) == marks:
+                    self.disconnected.add(account_id)
             raise error from None
+        self.unreachable_until = 0.0
         if self._marks_of(account_id) == marks:
             self.disconnected.discard(account_id)
         token = CachedToken(

@@ -21,7 +21,14 @@ import pytest
 from grpc import aio
 
 from keyrelay.auth.v1 import EVENTS_CURSOR_METADATA, auth_pb2
-from keyrelay.gateway.tokens import AUTH_SERVICE, CachedToken, TokenClient, TokenError, watching
+from keyrelay.gateway.tokens import (
+    AUTH_SERVICE,
+    UNREACHABLE_SECONDS,
+    CachedToken,
+    TokenClient,
+    TokenError,
+    watching,
+)
 
 EV = auth_pb2.AccountEvent
 GATEWAY_TOKEN = "gateway-token-0123456789"
@@ -101,9 +108,9 @@ async def eventually(what: str, predicate: Callable[[], bool]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(auth: HoldingAuth, *, watch: bool = True) -> AsyncIterator[TokenClient]:
-    """A TokenClient on a server running ``auth``, its event stream followed (once
-    the first stream has started) unless ``watch`` is False."""
+async def auth_server(auth: HoldingAuth) -> AsyncIterator[int]:
+    """A grpc.aio server on 127.0.0.1 running ``auth``'s GetToken and WatchEvents
+    (the other methods: UNIMPLEMENTED); yields its port."""
     server = aio.server()
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "GetToken": grpc.unary_unary_rpc_method_handler(
@@ -120,18 +127,28 @@ async def serving(auth: HoldingAuth, *, watch: bool = True) -> AsyncIterator[Tok
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTH_SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = TokenClient(aio.insecure_channel(f"127.0.0.1:{port}"), GATEWAY_TOKEN)
-    runs = Runs()
-    client.listener = runs
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            if watch:
-                await stack.enter_async_context(watching(client))
-                await eventually("the event stream started", lambda: len(runs.started) == 1)
-            yield client
+        yield port
     finally:
-        await client.close()
         await server.stop(grace=None)
+
+
+@contextlib.asynccontextmanager
+async def serving(auth: HoldingAuth, *, watch: bool = True) -> AsyncIterator[TokenClient]:
+    """A TokenClient on a server running ``auth``, its event stream followed (once
+    the first stream has started) unless ``watch`` is False."""
+    async with auth_server(auth) as port:
+        client = TokenClient(aio.insecure_channel(f"127.0.0.1:{port}"), GATEWAY_TOKEN)
+        runs = Runs()
+        client.listener = runs
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if watch:
+                    await stack.enter_async_context(watching(client))
+                    await eventually("the event stream started", lambda: len(runs.started) == 1)
+                yield client
+        finally:
+            await client.close()
 
 
 def event(event_id: str, kind: EV.Kind.ValueType, generation: int) -> auth_pb2.AccountEvent:
@@ -271,3 +288,39 @@ async def test_a_401_sent_before_a_restart_without_cursor_does_not_mark_again() 
             with pytest.raises(TokenError):
                 await task
             assert client.disconnected == set()
+
+
+async def test_an_unanswered_get_token_marks_the_auth_service_unreachable_for_a_while() -> None:
+    """``unreachable_until``: set when the auth service did not answer a GetToken (a
+    pool then tries first the members that need none), cleared by any answer, a
+    refusal included; ``cached`` says which accounts need none."""
+    auth = HoldingAuth()
+    async with serving(auth) as client:
+        assert client.unreachable_until == 0.0
+        assert not client.cached("acct")
+        task, held = await fetch(client, auth)
+        before = time.time()
+        held.release(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(TokenError) as caught:
+            await task
+        assert caught.value.status == 503
+        assert before + UNREACHABLE_SECONDS <= client.unreachable_until
+        assert client.unreachable_until <= time.time() + UNREACHABLE_SECONDS
+        assert client.disconnected == set()  # unreachable is not disconnected
+
+        task, held = await fetch(client, auth)
+        held.release(DISCONNECTED_ANSWER)  # an answer, if a refusal
+        with pytest.raises(TokenError):
+            await task
+        assert client.unreachable_until == 0.0
+
+        task, held = await fetch(client, auth)
+        held.release(grpc.StatusCode.DEADLINE_EXCEEDED)
+        with pytest.raises(TokenError):
+            await task
+        assert client.unreachable_until > time.time()
+        task, held = await fetch(client, auth)
+        held.release(1)
+        await task
+        assert client.unreachable_until == 0.0
+        assert client.cached("acct")

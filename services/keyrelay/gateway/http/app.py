@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
-from keyrelay.gateway.config import GatewayConfig, PoolRoute, Route
+from keyrelay.gateway.config import GatewayConfig, PoolMember, PoolRoute, Route
 from keyrelay.gateway.cooldowns import CoolDowns
 from keyrelay.gateway.core.errors import (
     ACCOUNT_DISCONNECTED,
@@ -123,6 +123,7 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
     }
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
+_EVENT_STREAM: Final = b"text/event-stream"
 _MAX_KNOWN_KEYS: Final = 4096
 # The most one send of a stream writes: uvicorn's send waits for its write buffer
 # (64 KiB high-water on uvloop) to drain before writing, so a stream's share of
@@ -569,7 +570,7 @@ class GatewayApp:
             response, request = await self._exchange(call, credential, route.account, outcome)
         try:
             headers = _response_headers(response, request_id, outcome.limit_headers)
-            if response.content_type.startswith(b"text/event-stream"):
+            if response.content_type.startswith(_EVENT_STREAM):
                 outcome.stream = True
                 await self._stream(send, response, route, request.tool_names, headers, outcome)
             else:
@@ -752,6 +753,11 @@ class GatewayApp:
         pool = pooled.pool
         cooling, available = self._available(pooled)
         tried = self._order(pool, call, available)
+        tokens = self.tokens
+        if tokens is not None and tokens.unreachable_until > time.time():
+            # The auth service did not answer lately: the members that would wait for
+            # it go last, so a pool with API keys (or tokens cached) does not wait.
+            tried = _waiting_last(tried, pooled, tokens)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
         # it saw or caused (they may have ended by then), and the last refusal.
@@ -760,7 +766,7 @@ class GatewayApp:
         auth_down = False
         for index in tried:
             member = pooled.members[index]
-            if auth_down and member.mode == "oauth":
+            if auth_down and _waits_for_auth(member, tokens):
                 continue  # one wait for an unreachable auth service per request
             try:
                 credential = await self._credential(member.mode, member.account, member.api_key)
@@ -780,7 +786,9 @@ class GatewayApp:
                 continue
             overloaded = None
             if response.status not in COOLING_STATUSES:
-                overloaded = await _overloaded(response)
+                # (a JSON answer under 500, the common one, has nothing to look at)
+                if response.status >= 500 or response.content_type.startswith(_EVENT_STREAM):
+                    overloaded = await _overloaded(response)
                 if overloaded is None:
                     served, outcome.served_by = self._served[pool.name][index]
                     outcome.member_id = member.id
@@ -1014,6 +1022,26 @@ async def _send_body(send: Send, data: bytes) -> None:
         await send({"type": "http.response.body", "body": piece, "more_body": True})
 
 
+def _waits_for_auth(member: PoolMember, tokens: TokenClient | None) -> bool:
+    """Would this member's credential need a GetToken now (no token cached)?"""
+    return (
+        member.mode != "api_key"
+        and tokens is not None
+        and member.account is not None
+        and not tokens.cached(member.account)
+    )
+
+
+def _waiting_last(
+    tried: tuple[int, ...], pooled: PoolRoute, tokens: TokenClient
+) -> tuple[int, ...]:
+    """``tried`` with the members that would wait for the auth service moved to the
+    end, in their order: tried only when no other member served."""
+    members = pooled.members
+    waiting = [i for i in tried if _waits_for_auth(members[i], tokens)]
+    return tuple([i for i in tried if i not in waiting] + waiting) if waiting else tried
+
+
 # What of an answer is read for an overload that its status does not tell: an
 # error body, or a stream's first event (the Messages API's are far smaller).
 _PEEK_BYTES: Final = 16 << 10
@@ -1028,7 +1056,7 @@ async def _overloaded(response: UpstreamResponse) -> str | None:
     status = response.status
     if status >= 500:
         error_type = error_type_of(await response.peek(_PEEK_BYTES))
-    elif status == 200 and response.content_type.startswith(b"text/event-stream"):
+    elif status == 200 and response.content_type.startswith(_EVENT_STREAM):
         head = await response.peek(_PEEK_BYTES, lambda head: first_event(head) is not None)
         error_type = first_event_error_type(head)
     else:
