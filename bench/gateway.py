@@ -694,11 +694,18 @@ def interleaved(
 ) -> list[Result]:
     """Each path measured ``rounds`` times, the paths taking turns: a machine that
     gets slower or faster during the run (a shared host) shifts every path alike."""
+    return [merged(results) for results in interleaved_rounds(paths, rounds, measure)]
+
+
+def interleaved_rounds(
+    paths: Sequence[Target], rounds: int, measure: Callable[[Target], Result]
+) -> list[list[Result]]:
+    """``interleaved``'s measurements, each round's kept: per path, its rounds."""
     per_path: list[list[Result]] = [[] for _ in paths]
     for _ in range(rounds):
         for index, path in enumerate(paths):
             per_path[index].append(measure(path))
-    return [merged(results) for results in per_path]
+    return per_path
 
 
 @contextlib.contextmanager

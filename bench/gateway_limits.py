@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,8 @@ from bench.gateway import (  # noqa: E402
     client_headers,
     gateway_config,
     interleaved,
+    interleaved_rounds,
+    merged,
     start_upstream,
     wait_serving,
 )
@@ -88,6 +91,44 @@ def serve_with_redis_py_store(config: str) -> int:
     return cli.main(["gateway", "serve", "--config", config])
 
 
+POOL_MEMBERS = 3
+
+
+def name_pool(key: dict[str, Any]) -> None:
+    """Turns a ``[[keys]]`` entry of ``gateway_config`` into a key of pool ``bench``:
+    ``POOL_MEMBERS`` API-key members (the same fast upstream), affinity (every
+    request computes its session from the body and ranks the members). The pool
+    goes in with ``pools_config``; the members' keys are ``member_env``'s."""
+    del key["mode"], key["api_key"]
+    key["pool"] = "bench"
+
+
+def pools_config() -> dict[str, Any]:
+    members = [
+        {"name": f"member-{i}", "api_key": {"env": f"{API_KEY_ENV}_{i}"}}
+        for i in range(POOL_MEMBERS)
+    ]
+    return {"bench": {"members": members}}
+
+
+def member_env() -> dict[str, str]:
+    """The upstream API keys of the plain route and of the pool's members."""
+    env = {API_KEY_ENV: "sk-bench-" + "0" * 32}
+    env.update({f"{API_KEY_ENV}_{i}": f"sk-bench-{i}-" + "0" * 30 for i in range(POOL_MEMBERS)})
+    return env
+
+
+def limits_store(data: dict[str, Any], tmp: Path, redis_url: str) -> None:
+    """``[gateway.limits]`` on ``redis_url`` (in a secret file), and the pools, which
+    need it."""
+    url_file = tmp / "limits-url"
+    url_file.write_text(redis_url + "\n")
+    url_file.chmod(0o600)
+    data["gateway"]["limits"] = {"redis_url": {"file": str(url_file)}, "key_prefix": PREFIX}
+    if any("pool" in key for key in data["keys"]):
+        data["pools"] = pools_config()
+
+
 def start_limited_gateway(
     stack: contextlib.ExitStack,
     tmp: Path,
@@ -103,29 +144,12 @@ def start_limited_gateway(
     data = gateway_config(upstream_url, port, routes)
     data["keys"][1]["limits"] = LIMITS
     if not redis_py:
-        # A pool of three API-key members (the same fast upstream), affinity: every
-        # request computes its session from the body and ranks the members.
-        pool_key: dict[str, Any] = data["keys"][2]
-        for field in ("mode", "api_key"):
-            del pool_key[field]
-        pool_key["pool"] = "bench"
-        data["pools"] = {
-            "bench": {
-                "members": [
-                    {"name": f"member-{i}", "api_key": {"env": f"{API_KEY_ENV}_{i}"}}
-                    for i in range(3)
-                ]
-            }
-        }
-    url_file = tmp / "limits-url"
-    url_file.write_text(redis_url + "\n")
-    url_file.chmod(0o600)
-    data["gateway"]["limits"] = {"redis_url": {"file": str(url_file)}, "key_prefix": PREFIX}
+        name_pool(data["keys"][2])
+    limits_store(data, tmp, redis_url)
     name = "gateway-redis-py" if redis_py else "gateway"
     config = tmp / f"{name}.toml"
     config.write_bytes(tomli_w.dumps(data).encode())
-    env = {**os.environ, API_KEY_ENV: "sk-bench-" + "0" * 32}
-    env.update({f"{API_KEY_ENV}_{i}": f"sk-bench-{i}-" + "0" * 30 for i in range(3)})
+    env = {**os.environ, **member_env()}
     argv = [sys.executable, "-m", "keyrelay", "gateway", "serve", "--config", str(config)]
     if redis_py:
         argv = [sys.executable, __file__, "--serve-redis-py", str(config)]
@@ -188,6 +212,30 @@ def print_rows(low: Sequence[Result], high: Sequence[Result]) -> None:
         )
 
 
+def print_pool_rounds(plain: Sequence[Result], pool: Sequence[Result], concurrency: int) -> None:
+    """The pool's added CPU per request round by round: each round's pool window
+    against the plain window just before it. Gateway CPU per request at c=32 moves
+    by several us between windows of one route (how many requests each event-loop
+    turn batches depends on the load generator and the upstream sharing the
+    machine), so the median of the paired differences is the steadier figure."""
+    added = []
+    for plain_round, pool_round in zip(plain, pool, strict=True):
+        plain_us, pool_us = (
+            plain_round.cpu_us(plain_round.completed),
+            pool_round.cpu_us(pool_round.completed),
+        )
+        if plain_us is not None and pool_us is not None:
+            added.append(pool_us - plain_us)
+    if not added:
+        return
+    middle = statistics.median(added)
+    print(
+        f"{mark(middle <= POOL_ADDED_US_TARGET)} pool of 3 (affinity), paired rounds at "
+        f"c={concurrency}: median {middle:+.1f} us a request over {len(added)} rounds "
+        f"({', '.join(f'{a:+.1f}' for a in added)})"
+    )
+
+
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     tmp = temp_dir(stack, "keyrelay-bench-limits-")
     password = new_key()
@@ -213,12 +261,14 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         flush=True,
     )
     low = interleaved(paths, args.rounds, lambda p: bench.measure(p, stream=False, concurrency=1))
-    high = interleaved(
+    high_rounds = interleaved_rounds(
         paths,
         args.rounds,
         lambda p: bench.measure(p, stream=False, concurrency=HIGH_CONCURRENCY),
     )
-    print_rows(low, high)
+    print_rows(low, [merged(rounds) for rounds in high_rounds])
+    if len(high_rounds) > 2:
+        print_pool_rounds(high_rounds[0], high_rounds[2], HIGH_CONCURRENCY)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,38 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
 
 
 @pytest.mark.slow
 def test_bench_gateway_smoke_run_prints_every_row(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "bench/gateway.py",
-            "--quick",
-            "--seconds",
-            "0.2",
-            "--warmup",
-            "0.05",
-            "--stream-client",
-            "chunks",
-        ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
+    out = run_bench(
+        "gateway.py",
+        *("--quick", "--seconds", "0.2", "--warmup", "0.05", "--stream-client", "chunks"),
         timeout=90,
-        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = run.stdout
     assert "preflight: every path answers" in out
     for label in ("direct", "floor", "floor kr", "gw plain", "gw tools"):
         # one non-stream row per concurrency and one stream row per path

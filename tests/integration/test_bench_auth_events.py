@@ -7,26 +7,14 @@ connections did not grow with them.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
 
 
 def test_bench_auth_events_smoke_run_prints_every_row() -> None:
-    run = subprocess.run(
-        [sys.executable, "bench/auth_events.py", "--quick", "--subscribers", "10", "100"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
-    results = run.stdout.split("== Results ==", 1)[1].split("Targets:", 1)[0]
+    out = run_bench("auth_events.py", "--quick", "--subscribers", "10", "100", timeout=300)
+    results = out.split("== Results ==", 1)[1].split("Targets:", 1)[0]
     rows = [line.split() for line in results.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "10", "100"]
-    assert "[PASS] every event reached every subscriber, no stream failed" in run.stdout
-    assert "[PASS] Redis connections do not grow with subscribers" in run.stdout
-    assert "GetToken p99 with 100 subscribers" in run.stdout
+    assert "[PASS] every event reached every subscriber, no stream failed" in out
+    assert "[PASS] Redis connections do not grow with subscribers" in out
+    assert "GetToken p99 with 100 subscribers" in out

@@ -263,9 +263,13 @@ class GatewayApp:
         self._cooling: asyncio.Task[None] | None = None
         # (per pool: each pool's rotation its own)
         self._pool_requests: dict[str, int] = {}
-        # The order of a pool's members per (pool, session, available): a session
-        # asks again and again (that is what affinity is for); at most _ORDERS kept.
-        self._orders: dict[tuple[str, bytes | None, int], tuple[int, ...]] = {}
+        # The order of a pool's members per pool name, availability mask and session:
+        # a session asks again and again (that is what affinity is for); at most
+        # _ORDERS kept in all (_orders_held).
+        self._orders: dict[str, dict[int, dict[bytes, tuple[int, ...]]]] = {
+            name: {} for name in config.pools
+        }
+        self._orders_held = 0
         # Per pool, per member (in configured order): its "served" attempts counter
         # and its usage subject (kind "member", id "<pool>/<member id>"; a pool key's
         # usage is recorded under the member that served it too). Made once: the
@@ -624,24 +628,17 @@ class GatewayApp:
         )
         return response, request
 
-    def _available(self, pooled: PoolRoute) -> tuple[Mapping[str, float], int]:
-        """The pool's members cooling down now (id -> until), and the availability
-        mask: those neither cooling nor of a disconnected account."""
-        cooldowns = self.cooldowns
-        assert cooldowns is not None  # a pool needs the limits store (config)
-        pool = pooled.pool
-        now = time.time()
-        cooling = cooldowns.cooling(pool.name, now)
+    def _available(self, pooled: PoolRoute, cooling: Mapping[str, float]) -> int:
+        """The availability mask: the members neither ``cooling`` nor of a
+        disconnected account."""
         tokens = self.tokens
         gone = tokens.disconnected if tokens is not None else None
-        if not cooling and not gone:
-            return cooling, pool.all_mask
         disconnected = (
             [m.id for m in pooled.members if m.mode == "oauth" and m.account in gone]
             if gone
             else ()
         )
-        return cooling, available_mask(pool, now, cooling, disconnected)
+        return available_mask(pooled.pool, time.time(), cooling, disconnected)
 
     def _order(self, pool: Pool, call: _Call, available: int) -> tuple[int, ...]:
         """``pools.order`` of the ``available`` members for ``call``. An affinity
@@ -651,12 +648,19 @@ class GatewayApp:
         if pool.strategy is Strategy.AFFINITY:
             session = session_of(call.headers, call.body)
             if session is not None:
-                key = (pool.name, session, available)
-                found = self._orders.get(key)
+                by_mask = self._orders[pool.name]
+                orders = by_mask.get(available)
+                if orders is None:
+                    orders = by_mask[available] = {}
+                found = orders.get(session)
                 if found is None:
-                    if len(self._orders) >= _ORDERS:
-                        self._orders.clear()
-                    found = self._orders[key] = order(pool, session, available)
+                    if self._orders_held >= _ORDERS:  # all forgotten: bounded, and rare
+                        self._orders_held = 0
+                        for held in self._orders.values():
+                            held.clear()
+                        orders = self._orders[pool.name][available] = {}
+                    found = orders[session] = order(pool, session, available)
+                    self._orders_held += 1
                 return found
         counter = self._pool_requests[pool.name] = self._pool_requests.get(pool.name, 0) + 1
         return order(pool, None, available, counter)
@@ -751,9 +755,15 @@ class GatewayApp:
         next one is tried, since nothing has reached the client yet. Any other
         answer is the client's. None served: 429 with the earliest return."""
         pool = pooled.pool
-        cooling, available = self._available(pooled)
-        tried = self._order(pool, call, available)
+        cooldowns = self.cooldowns
+        assert cooldowns is not None  # a pool needs the limits store (config)
+        cooling = cooldowns.cooling(pool.name, time.time())
         tokens = self.tokens
+        if cooling or (tokens is not None and tokens.disconnected):
+            available = self._available(pooled, cooling)
+        else:
+            available = pool.all_mask
+        tried = self._order(pool, call, available)
         if tokens is not None and tokens.unreachable_until > time.time():
             # The auth service did not answer lately: the members that would wait for
             # it go last, so a pool with API keys (or tokens cached) does not wait.
@@ -761,7 +771,7 @@ class GatewayApp:
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
         # it saw or caused (they may have ended by then), and the last refusal.
-        cooled: list[float] = []
+        cooled: tuple[float, ...] = ()
         refused: GatewayError | None = None
         auth_down = False
         for index in tried:
@@ -794,25 +804,12 @@ class GatewayApp:
                     outcome.member_id = member.id
                     tally.inc(served)
                     return response, request
-            cooled.append(await self._cool(pool.name, member.id, pooled, response, overloaded))
+            until = await self._cool(pool.name, member.id, pooled, response, overloaded)
+            cooled += (until,)
             tally.inc(attempts(pool.name, member.name, "cooled"))
             outcome.pool_retries += 1
         outcome.member, outcome.account, outcome.billing = None, None, None
-        if cooling or cooled:
-            at = time.time()
-            raise GatewayError(
-                RATE_LIMITED,
-                f"every member of pool {pool.name!r} is rate limited or overloaded "
-                "upstream; retry after the time given",
-                retry_after=all_cooling_retry_after([*cooling.values(), *cooled], at),
-            )
-        if refused is not None:
-            raise refused
-        raise GatewayError(
-            ACCOUNT_DISCONNECTED,
-            f"no member of pool {pool.name!r} can serve: the accounts of all of them are "
-            "disconnected; connect one again (keyrelay connect)",
-        )
+        raise _none_served(pool.name, [*cooling.values(), *cooled], refused)
 
     async def _stream(
         self,
@@ -1020,6 +1017,28 @@ async def _send_body(send: Send, data: bytes) -> None:
     for start in range(0, len(data), _SEND_BYTES):
         piece = data[start : start + _SEND_BYTES]
         await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+
+def _none_served(
+    pool: str, cooling_until: list[float], refused: GatewayError | None
+) -> GatewayError:
+    """The answer when no member of ``pool`` served: 429 with the earliest return of
+    the cool-downs the request met (``cooling_until``), else the last refusal, else
+    (every member's account disconnected) that."""
+    if cooling_until:
+        return GatewayError(
+            RATE_LIMITED,
+            f"every member of pool {pool!r} is rate limited or overloaded "
+            "upstream; retry after the time given",
+            retry_after=all_cooling_retry_after(cooling_until, time.time()),
+        )
+    if refused is not None:
+        return refused
+    return GatewayError(
+        ACCOUNT_DISCONNECTED,
+        f"no member of pool {pool!r} can serve: the accounts of all of them are "
+        "disconnected; connect one again (keyrelay connect)",
+    )
 
 
 def _waits_for_auth(member: PoolMember, tokens: TokenClient | None) -> bool:
