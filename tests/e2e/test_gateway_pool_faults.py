@@ -14,19 +14,32 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 
 from keyrelay.auth.v1 import auth_pb2
+from keyrelay.gateway.http import app as gateway_app
 from keyrelay.gateway.keys import new_key
 from tests.conftest import AuthFactory
 from tests.e2e.test_gateway_limits import sdk
-from tests.e2e.test_gateway_pools import SIMPLE, in_process, pool_gateway_data
+from tests.e2e.test_gateway_pools import (
+    MESSAGE_START,
+    OVERLOADED_EVENT,
+    SIMPLE,
+    in_process,
+    member_of,
+    pool_config,
+    pool_gateway_data,
+    read_stream,
+    upstream_keys,
+)
 from tests.integration.test_auth_flow import connect
-from tests.support.fake_upstream import FakeUpstream, Scripted
+from tests.support.fake_upstream import FakeUpstream, Recorded, Scripted
 from tests.support.gateway import (
     PLAIN_KEY,
     RunningGateway,
@@ -254,7 +267,7 @@ async def test_a_refused_tokens_answer_is_released_when_the_client_goes_away_mea
     ).encode()
     upstream.script = [Scripted(401, body)]
     upstream.chunker = lambda data: [data[:10], data[10:]]
-    upstream.chunk_delay = 0.5  # the rest of the body 0.5 s after its head
+    upstream.chunk_delay = 2.0  # the rest of the body 2 s after its head
     async with auth_server(auth) as port:
         gateway = await start_gateway(gateway_config(upstream.url, port))
         pools = gateway.app.upstreams
@@ -274,7 +287,7 @@ async def test_a_refused_tokens_answer_is_released_when_the_client_goes_away_mea
                 await eventually(
                     "the refused answer's connection is released",
                     lambda: pools.stats()[0].in_use == 0,
-                    within=0.3,  # (its body ends 1 s after its head: released, not ended)
+                    within=0.3,  # (its body ends 2 s after its head: released, not ended)
                 )
             # The fake upstream saw its connection closed under the rest of the body.
             await eventually("the upstream's write failed", lambda: upstream.aborted_streams == 1)
@@ -287,3 +300,136 @@ async def test_a_refused_tokens_answer_is_released_when_the_client_goes_away_mea
             if held is not None:
                 held.release(2)
             await gateway.stop()
+
+
+# -- a pool key's stream, held for its first event -----------------------------------------
+
+
+def stream_pool(
+    tmp_path: Path, redis: RedisServer, upstream: FakeUpstream, name: str
+) -> tuple[dict[str, Any], str, Callable[[Recorded], str], dict[str, str]]:
+    """A round-robin pool ``name`` of three API-key members: the config's data, the
+    gateway key, which member a recorded request went to, and the members' keys."""
+    keys = upstream_keys(tmp_path)
+    key = new_key()
+    data = pool_config(
+        tmp_path, redis, upstream, key, "round_robin", name=name, default_cool_down_seconds=30
+    )
+    return data, key, member_of(keys), keys
+
+
+async def test_a_client_that_leaves_while_the_headers_wait_frees_the_upstream_connection(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """The first event is late (a comment, then 3 s of nothing): the client gives up
+    while the gateway holds the headers; the upstream's answer is released at once,
+    not kept until its stream ends."""
+    data, key, _, _ = stream_pool(tmp_path, limits_redis, upstream, "hold-leave")
+    gateway = await in_process(data)
+    upstream.chunker = lambda body: [b": waiting\n\n", body]
+    upstream.chunk_delay = 3.0
+    pools = gateway.app.upstreams
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            request = asyncio.create_task(
+                http.post(
+                    "/v1/messages",
+                    json={**SIMPLE, "stream": True},
+                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                )
+            )
+            await eventually("the upstream answered", lambda: pools.stats()[0].in_use == 1)
+            await asyncio.sleep(0.1)  # the gateway now waits for the first event
+            assert not request.done()  # (the headers are held)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        await eventually("the held answer is released", lambda: pools.stats()[0].in_use == 0)
+    finally:
+        upstream.chunk_delay = 0.0
+        await gateway.stop()
+
+
+async def test_an_overload_event_cools_its_member_when_the_client_hangs_up_on_it(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """The SDK raises at the ``error`` event and hangs up before the upstream's stream
+    ends (here 1 s later): the member cools down all the same."""
+    data, key, member, keys = stream_pool(tmp_path, limits_redis, upstream, "hang-up")
+    gateway = await in_process(data)
+    upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
+        200, MESSAGE_START + OVERLOADED_EVENT + b": end\n\n", content_type="text/event-stream"
+    )
+    cut = len(MESSAGE_START + OVERLOADED_EVENT)
+    upstream.chunker = lambda body: [body[:cut], body[cut:]] if len(body) > cut else [body]
+    upstream.chunk_delay = 1.0
+    errors = 0
+    try:
+        for _ in range(6):
+            try:
+                await read_stream(gateway.url, key)
+            except anthropic.APIStatusError:
+                errors += 1
+        seen = Counter(member(r) for r in upstream.requests)
+        assert (errors, seen["m1"]) == (1, 1)
+    finally:
+        upstream.chunk_delay = 0.0
+        await gateway.stop()
+
+
+async def test_a_stream_that_breaks_before_its_first_event_gets_an_error_status(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
+) -> None:
+    """Nothing has reached the client while the headers wait: an answer cut before its
+    first event is a 502 with an error body (which the SDKs retry), not a 200 whose
+    stream holds only an error event."""
+    data, key, _, keys = stream_pool(tmp_path, limits_redis, upstream, "early-cut")
+    gateway = await in_process(data)
+    for value in keys.values():
+        upstream.by_api_key[value] = lambda _: Scripted(
+            200, b"event: message_st", content_type="text/event-stream",
+            framing="chunked", cut="reset",
+        )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            response = await http.post(
+                "/v1/messages",
+                json={**SIMPLE, "stream": True},
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            )
+        assert response.status_code == 502
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["type"] == "api_error"
+        assert len(upstream.requests) == 1  # not another member: it was no overload
+    finally:
+        await gateway.stop()
+
+
+async def test_comments_trickling_before_the_first_event_hold_the_headers_no_longer(
+    tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream, monkeypatch: Any
+) -> None:
+    """An upstream that sends comments and no event: after the hold's deadline (0.2 s
+    here, 10 s in production) the stream goes to the client as it comes."""
+    monkeypatch.setattr(gateway_app, "_HOLD_SECONDS", 0.2)
+    data, key, _, _ = stream_pool(tmp_path, limits_redis, upstream, "trickle")
+    gateway = await in_process(data)
+    upstream.chunker = lambda body: [b": waiting\n\n"] * 20 + [body]
+    upstream.chunk_delay = 0.15  # the first event 3 s after the headers
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            started = time.monotonic()
+            async with http.stream(
+                "POST",
+                "/v1/messages",
+                json={**SIMPLE, "stream": True},
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            ) as response:
+                headers_after = time.monotonic() - started
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        assert response.status_code == 200
+        assert headers_after < 2.0  # well before the first event (3 s)
+        assert b": waiting" in body
+        assert b"event: message_stop" in body
+    finally:
+        upstream.chunk_delay = 0.0
+        await gateway.stop()

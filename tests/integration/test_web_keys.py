@@ -489,6 +489,7 @@ async def test_a_pool_key_from_the_form(admin: WebAdmin, web_server: RunningServ
 
 
 NOT_BOTH = "route.pool: a key names a pool or its own credential, not both"
+ACCOUNT_NO_POOL = "route.pool: this key routes to an account, so it names no pool"
 BAD_POOL = "route.pool must be 1-64 characters of letters, digits and ._- starting with"
 
 
@@ -501,8 +502,8 @@ BAD_POOL = "route.pool must be 1-64 characters of letters, digits and ._- starti
         ({"route": "pool", "pool": "", "account_id": "acct"}, "route.mode 'pool'", "route"),
         # A pool and an account: never both, whichever was chosen.
         ({"route": "pool", "pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),
-        ({"route": "account", "pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),
-        ({"pool": "team", "account_id": "acct"}, NOT_BOTH, "pool"),  # no choice sent
+        ({"route": "account", "pool": "team", "account_id": "acct"}, ACCOUNT_NO_POOL, "pool"),
+        ({"pool": "team", "account_id": "acct"}, ACCOUNT_NO_POOL, "pool"),  # no choice sent
         # "Route to" an account with only a pool typed: the account is what is missing.
         (
             {"route": "account", "pool": "team", "account_id": ""},

@@ -210,3 +210,23 @@ def test_peek_returns_when_the_answer_breaks_and_the_reader_meets_the_error(
     assert loop.run_until_complete(scenario()) == b"event: err"
     with pytest.raises(GatewayError, match="broke the connection"):
         loop.run_until_complete(response.read_all())
+
+
+def test_peek_returns_once_enough_has_arrived_not_at_the_end(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 30\r\n\r\n"
+    response, connection = start(loop, head + b"event: a")
+
+    async def scenario() -> tuple[bytes, bool, bool]:
+        peeking = asyncio.ensure_future(response.peek(1000, has_blank_line))
+        await asyncio.sleep(0)
+        waited = not peeking.done()  # half an event: not enough yet
+        connection.data_received(b"\n\n")  # a whole event; 20 bytes still to come
+        await asyncio.sleep(0)
+        return await asyncio.wait_for(peeking, 1), waited, response._complete
+
+    seen, waited, complete = loop.run_until_complete(scenario())
+    assert (seen, waited, complete) == (b"event: a\n\n", True, False)
+    connection.data_received(b"x" * 20)
+    assert loop.run_until_complete(response.read_all()) == b"event: a\n\n" + b"x" * 20

@@ -144,9 +144,9 @@ def _route(values: Mapping[str, str]) -> Route:
     """The route as typed, for the service to check. "Route to" a pool: mode ``pool`` and
     the pool, with an account typed too (refused: not both); an empty pool is refused as
     "mode 'pool' needs route.pool". To an account: the account (mode: the service's
-    default, oauth), with a pool typed too when there is an account (refused: not both);
-    without an account, the account is what is missing, so a pool typed alone does not
-    make this a pool key."""
+    default, oauth); a pool typed beside it is refused here, in the words of that
+    choice; without an account, the account is what is missing, so a pool typed
+    alone does not make this a pool key."""
     choice = values.get("route", "") or ROUTE_CHOICES[0]
     if choice not in ROUTE_CHOICES:
         raise InvalidArgument(
@@ -156,7 +156,12 @@ def _route(values: Mapping[str, str]) -> Route:
     account, pool = values.get("account_id", ""), values.get("pool", "")
     if choice == "pool":
         return Route(account_id=account, mode=POOL_MODE, pool=pool)
-    return Route(account_id=account, mode="", pool=pool if account else "")
+    if account and pool.strip():
+        raise InvalidArgument(
+            "route.pool: this key routes to an account, so it names no pool: leave Pool "
+            'empty (or choose "a pool" and leave Account empty)'
+        )
+    return Route(account_id=account, mode="")
 
 
 @dataclass(frozen=True, slots=True)

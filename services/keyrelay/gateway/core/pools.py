@@ -303,7 +303,9 @@ def _walk(value: object, reverse: bool, out: list[bytes]) -> bool:
 def session_of(headers: Iterable[tuple[bytes, bytes]], body: object) -> bytes | None:
     """The affinity session of a request (see the module docstring for the rules),
     or ``None`` when it has none. ``headers``: the client's, lower-case names as the
-    ASGI server gives them; ``body``: the client's decoded JSON (any shape)."""
+    ASGI server gives them; ``body``: the client's decoded JSON (any shape; its
+    strings ``str`` exactly, as a JSON decoder makes them: ``_plain_checksum``
+    would hash a ``str`` subclass that ``_walk`` spells ``?``)."""
     for name, value in headers:
         if name == SESSION_HEADER:
             key = value.strip(b" \t")

@@ -677,11 +677,13 @@ class GatewayApp:
         already read): it cools down until the reset the answer gives (README,
         "Credential pools"), for every worker; returns until when. The answer is
         released."""
-        if error_type is None:
-            # A body cut or too large: the status alone decides.
-            with contextlib.suppress(GatewayError):
-                error_type = error_type_of(await response.read_all())
-        response.release()
+        try:
+            if error_type is None:
+                # A body cut or too large: the status alone decides.
+                with contextlib.suppress(GatewayError):
+                    error_type = error_type_of(await response.read_all())
+        finally:  # (also when the client went away meanwhile)
+            response.release()
         return self._note_cool(pool, member, pooled, response, error_type)
 
     def _note_cool(
@@ -850,17 +852,18 @@ class GatewayApp:
                 # Headers are out: the failure travels as an error event.
                 tail = transformer.abort(error.message, error.kind.type)
             outcome.error = transformer.error
-            pooled, member = route.pool, outcome.member_id
-            if pooled is not None and member is not None:
-                # Overloaded after the first byte: not retried (the client has its
-                # first events), but the member cools down all the same.
-                error_type = transformer.upstream_error_type()
-                if error_type == OVERLOADED_ERROR:
-                    self._note_cool(pooled.pool.name, member, pooled, response, error_type)
         finally:
             # Also when the client went away (a cancel): the usage seen so far counts.
             outcome.usage = transformer.usage if transformer.usage_seen else None
             outcome.model = transformer.model or outcome.model
+            pooled, member = route.pool, outcome.member_id
+            if pooled is not None and member is not None:
+                # Overloaded after the first byte: not retried (the client has its
+                # first events), but the member cools down all the same; also when
+                # the client hung up on the error event before the stream ended.
+                error_type = transformer.upstream_error_type()
+                if error_type == OVERLOADED_ERROR:
+                    self._note_cool(pooled.pool.name, member, pooled, response, error_type)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     # -- limits ---------------------------------------------------------------
@@ -1064,6 +1067,10 @@ def _waiting_last(
 # What of an answer is read for an overload that its status does not tell: an
 # error body, or a stream's first event (the Messages API's are far smaller).
 _PEEK_BYTES: Final = 16 << 10
+# The longest a pool key's stream response is held for its first event: the API
+# sends it with the headers; an upstream that trickles comments meanwhile is
+# passed on as it comes after this.
+_HOLD_SECONDS: Final = 10.0
 
 
 async def _overloaded(response: UpstreamResponse) -> str | None:
@@ -1071,12 +1078,30 @@ async def _overloaded(response: UpstreamResponse) -> str | None:
     same, before any of it has reached the client: a 5xx whose error body has
     that type (a proxy on the way may turn a 529 into a 503), or a 200 stream
     whose first event is such an ``error`` event; else None. What is read to
-    know stays in the answer, for the client (``UpstreamResponse.peek``)."""
+    know stays in the answer, for the client (``UpstreamResponse.peek``). The
+    answer is released if this raises (the client gone meanwhile, or a stream
+    that broke before its first event)."""
+    try:
+        return await _overload_of(response)
+    except BaseException:
+        response.release()
+        raise
+
+
+async def _overload_of(response: UpstreamResponse) -> str | None:
     status = response.status
     if status >= 500:
         error_type = error_type_of(await response.peek(_PEEK_BYTES))
     elif status == 200 and response.content_type.startswith(_EVENT_STREAM):
-        head = await response.peek(_PEEK_BYTES, lambda head: first_event(head) is not None)
+        try:
+            async with asyncio.timeout(_HOLD_SECONDS):
+                head = await response.peek(_PEEK_BYTES, lambda head: first_event(head) is not None)
+        except TimeoutError:  # no first event yet (comments trickling): hold no longer
+            return None
+        if response.error is not None and first_event(head) is None:
+            # It broke before its first event: nothing has reached the client, so it
+            # gets the error's own status (502, 504), not a 200 and an error event.
+            raise response.error
         error_type = first_event_error_type(head)
     else:
         return None

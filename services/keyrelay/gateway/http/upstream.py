@@ -230,6 +230,11 @@ class UpstreamResponse:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             await self._wait()
 
+    @property
+    def error(self) -> GatewayError | None:
+        """Why the answer broke (a cut, a timeout), once it did; its reader meets it."""
+        return self._error
+
     async def peek(self, limit: int, enough: Callable[[bytes], bool] | None = None) -> bytes:
         """The body's first bytes, left in place for ``read_all`` or ``chunks``: what
         has arrived once ``enough`` says so (None: never), the body is complete, it
