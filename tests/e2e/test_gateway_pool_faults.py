@@ -321,13 +321,13 @@ def stream_pool(
 async def test_a_client_that_leaves_while_the_headers_wait_frees_the_upstream_connection(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
 ) -> None:
-    """The first event is late (a comment, then 3 s of nothing): the client gives up
+    """The first event is late (a comment, then 1.5 s of nothing): the client gives up
     while the gateway holds the headers; the upstream's answer is released at once,
     not kept until its stream ends."""
     data, key, _, _ = stream_pool(tmp_path, limits_redis, upstream, "hold-leave")
     gateway = await in_process(data)
     upstream.chunker = lambda body: [b": waiting\n\n", body]
-    upstream.chunk_delay = 3.0
+    upstream.chunk_delay = 1.5
     pools = gateway.app.upstreams
     try:
         async with httpx.AsyncClient(base_url=gateway.url) as http:
@@ -354,15 +354,18 @@ async def test_an_overload_event_cools_its_member_when_the_client_hangs_up_on_it
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
 ) -> None:
     """The SDK raises at the ``error`` event and hangs up before the upstream's stream
-    ends (here 1 s later): the member cools down all the same."""
+    ends (here 0.5 s later): the member cools down all the same."""
     data, key, member, keys = stream_pool(tmp_path, limits_redis, upstream, "hang-up")
     gateway = await in_process(data)
     upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
         200, MESSAGE_START + OVERLOADED_EVENT + b": end\n\n", content_type="text/event-stream"
     )
     cut = len(MESSAGE_START + OVERLOADED_EVENT)
-    upstream.chunker = lambda body: [body[:cut], body[cut:]] if len(body) > cut else [body]
-    upstream.chunk_delay = 1.0
+    overloaded = MESSAGE_START + OVERLOADED_EVENT
+    upstream.chunker = lambda body: (
+        [body[:cut], body[cut:]] if body.startswith(overloaded) else [body]
+    )
+    upstream.chunk_delay = 0.5  # (after every write: the other streams end 0.5 s late too)
     errors = 0
     try:
         for _ in range(6):
@@ -408,13 +411,13 @@ async def test_a_stream_that_breaks_before_its_first_event_gets_an_error_status(
 async def test_comments_trickling_before_the_first_event_hold_the_headers_no_longer(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream, monkeypatch: Any
 ) -> None:
-    """An upstream that sends comments and no event: after the hold's deadline (0.2 s
+    """An upstream that sends comments and no event: after the hold's deadline (0.1 s
     here, 10 s in production) the stream goes to the client as it comes."""
-    monkeypatch.setattr(gateway_app, "_HOLD_SECONDS", 0.2)
+    monkeypatch.setattr(gateway_app, "_HOLD_SECONDS", 0.1)
     data, key, _, _ = stream_pool(tmp_path, limits_redis, upstream, "trickle")
     gateway = await in_process(data)
-    upstream.chunker = lambda body: [b": waiting\n\n"] * 20 + [body]
-    upstream.chunk_delay = 0.15  # the first event 3 s after the headers
+    upstream.chunker = lambda body: [b": waiting\n\n"] * 15 + [body]
+    upstream.chunk_delay = 0.1  # the first event 1.5 s after the headers
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
             started = time.monotonic()
@@ -427,7 +430,7 @@ async def test_comments_trickling_before_the_first_event_hold_the_headers_no_lon
                 headers_after = time.monotonic() - started
                 body = b"".join([chunk async for chunk in response.aiter_bytes()])
         assert response.status_code == 200
-        assert headers_after < 2.0  # well before the first event (3 s)
+        assert headers_after < 1.2  # before the first event (1.5 s)
         assert b": waiting" in body
         assert b"event: message_stop" in body
     finally:
