@@ -37,6 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -124,6 +125,7 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
 _EVENT_STREAM: Final = b"text/event-stream"
+_NOTHING_COOLING: Final[Mapping[str, float]] = MappingProxyType({})
 _MAX_KNOWN_KEYS: Final = 4096
 # The most one send of a stream writes: uvicorn's send waits for its write buffer
 # (64 KiB high-water on uvloop) to drain before writing, so a stream's share of
@@ -280,6 +282,17 @@ class GatewayApp:
                     self.metrics.pool_attempts_for(name, member.name, "served"),
                     Subject("member", f"{name}/{member.id}", Limits(), member.name),
                 )
+                for member in pooled.members
+            )
+            for name, pooled in config.pools.items()
+        }
+        # Per pool, per member: its credential when it is an API key (it never
+        # changes; never mutated), else None (a token, asked for per request).
+        self._key_credentials: dict[str, tuple[Credential | None, ...]] = {
+            name: tuple(
+                Credential(("x-api-key", member.api_key), Billing.METERED)
+                if member.mode == "api_key" and member.api_key is not None
+                else None
                 for member in pooled.members
             )
             for name, pooled in config.pools.items()
@@ -567,8 +580,29 @@ class GatewayApp:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         outcome.model = model
         call = _Call(path, route, body, raw, _query(scope), scope["headers"])
-        if route.pool is not None:
-            response, request = await self._pooled(call, route.pool, outcome)
+        pooled = route.pool
+        if pooled is not None:
+            # The common case without the failover machinery (one coroutine less per
+            # request): nothing cools, and the first member is an API key; an answer
+            # that is not plainly the client's goes to _pooled as that member's.
+            tried, credential = self._first_choice(call, pooled)
+            if credential is None or tried is None:
+                response, request = await self._pooled(call, pooled, outcome, tried)
+            else:
+                index = tried[0]
+                outcome.member = pooled.members[index].name
+                response, request = await self._exchange(call, credential, None, outcome)
+                status = response.status
+                if (
+                    status < 500
+                    and status != 429
+                    and not response.content_type.startswith(_EVENT_STREAM)
+                ):
+                    self._served_by(pooled, index, outcome)
+                else:
+                    response, request = await self._pooled(
+                        call, pooled, outcome, tried, (response, request)
+                    )
         else:
             credential = await self._credential(route.mode, route.account, route.api_key)
             response, request = await self._exchange(call, credential, route.account, outcome)
@@ -627,6 +661,51 @@ class GatewayApp:
             self.metrics.upstream_latency_for(route.upstream.name), outcome.upstream_seconds
         )
         return response, request
+
+    def _first_choice(
+        self, call: _Call, pooled: PoolRoute
+    ) -> tuple[tuple[int, ...] | None, Credential | None]:
+        """The members' order for ``call`` and the first one's API-key credential, when
+        no member cools, no account is disconnected and the auth service answers:
+        then the first member's answer is usually the client's. Else (None, None):
+        ``_pooled`` works it all out."""
+        cooldowns = self.cooldowns
+        assert cooldowns is not None  # a pool needs the limits store (config)
+        pool = pooled.pool
+        tokens = self.tokens
+        now = time.time()
+        if cooldowns.cooling(pool.name, now) or (
+            tokens is not None and (tokens.disconnected or tokens.unreachable_until > now)
+        ):
+            return None, None
+        tried = self._order(pool, call, pool.all_mask)
+        return tried, self._key_credentials[pool.name][tried[0]]
+
+    def _plan(self, call: _Call, pooled: PoolRoute) -> tuple[Mapping[str, float], tuple[int, ...]]:
+        """The members of the pool cooling now (id -> until), and the order in which
+        to try the others: those of disconnected accounts left out; while the auth
+        service does not answer, the members that would wait for it last."""
+        cooldowns = self.cooldowns
+        assert cooldowns is not None  # a pool needs the limits store (config)
+        pool = pooled.pool
+        tokens = self.tokens
+        cooling = cooldowns.cooling(pool.name, time.time())
+        if cooling or (tokens is not None and tokens.disconnected):
+            available = self._available(pooled, cooling)
+        else:
+            available = pool.all_mask
+        tried = self._order(pool, call, available)
+        if tokens is not None and tokens.unreachable_until > time.time():
+            # The auth service did not answer lately: the members that would wait for
+            # it go last, so a pool with API keys (or tokens cached) does not wait.
+            tried = _waiting_last(tried, pooled, tokens)
+        return cooling, tried
+
+    def _served_by(self, pooled: PoolRoute, index: int, outcome: Outcome) -> None:
+        """Member ``index`` served the request: its usage subject, id and counter."""
+        served, outcome.served_by = self._served[pooled.pool.name][index]
+        outcome.member_id = pooled.members[index].id
+        self.metrics.tally.inc(served)
 
     def _available(self, pooled: PoolRoute, cooling: Mapping[str, float]) -> int:
         """The availability mask: the members neither ``cooling`` nor of a
@@ -748,7 +827,12 @@ class GatewayApp:
         return response
 
     async def _pooled(
-        self, call: _Call, pooled: PoolRoute, outcome: Outcome
+        self,
+        call: _Call,
+        pooled: PoolRoute,
+        outcome: Outcome,
+        tried: tuple[int, ...] | None = None,
+        first: tuple[UpstreamResponse, TransformedRequest] | None = None,
     ) -> tuple[UpstreamResponse, TransformedRequest]:
         """The response of the first member of the pool that serves the request (README,
         "Credential pools"): members in ``order`` (affinity or round robin), each at
@@ -757,19 +841,10 @@ class GatewayApp:
         next one is tried, since nothing has reached the client yet. Any other
         answer is the client's. None served: 429 with the earliest return."""
         pool = pooled.pool
-        cooldowns = self.cooldowns
-        assert cooldowns is not None  # a pool needs the limits store (config)
-        cooling = cooldowns.cooling(pool.name, time.time())
         tokens = self.tokens
-        if cooling or (tokens is not None and tokens.disconnected):
-            available = self._available(pooled, cooling)
-        else:
-            available = pool.all_mask
-        tried = self._order(pool, call, available)
-        if tokens is not None and tokens.unreachable_until > time.time():
-            # The auth service did not answer lately: the members that would wait for
-            # it go last, so a pool with API keys (or tokens cached) does not wait.
-            tried = _waiting_last(tried, pooled, tokens)
+        cooling: Mapping[str, float] = _NOTHING_COOLING
+        if tried is None:  # (given: _first_choice found nothing cooling)
+            cooling, tried = self._plan(call, pooled)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
         # it saw or caused (they may have ended by then), and the last refusal.
@@ -778,33 +853,36 @@ class GatewayApp:
         auth_down = False
         for index in tried:
             member = pooled.members[index]
-            if auth_down and _waits_for_auth(member, tokens):
+            if first is not None:  # the first member's answer, asked for by _forward
+                (response, request), first = first, None
+            elif auth_down and _waits_for_auth(member, tokens):
                 continue  # one wait for an unreachable auth service per request
-            try:
-                credential = await self._credential(member.mode, member.account, member.api_key)
-            except GatewayError as exc:  # disconnected, or the auth service unreachable
-                refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
-                tally.inc(attempts(pool.name, member.name, "no_credential"))
-                continue
-            outcome.member, outcome.retried = member.name, False
-            try:
-                response, request = await self._exchange(call, credential, member.account, outcome)
-            except GatewayError as exc:
-                if exc.kind not in (ACCOUNT_DISCONNECTED, AUTH_UNAVAILABLE):
-                    raise
-                # Its token was refused and no newer one came (disconnected meanwhile).
-                refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
-                tally.inc(attempts(pool.name, member.name, "no_credential"))
-                continue
+            else:
+                try:
+                    credential = await self._credential(member.mode, member.account, member.api_key)
+                except GatewayError as exc:  # disconnected, or the auth service unreachable
+                    refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
+                    tally.inc(attempts(pool.name, member.name, "no_credential"))
+                    continue
+                outcome.member, outcome.retried = member.name, False
+                try:
+                    response, request = await self._exchange(
+                        call, credential, member.account, outcome
+                    )
+                except GatewayError as exc:
+                    if exc.kind not in (ACCOUNT_DISCONNECTED, AUTH_UNAVAILABLE):
+                        raise
+                    # Its token was refused and no newer one came (disconnected meanwhile).
+                    refused, auth_down = exc, auth_down or exc.kind is AUTH_UNAVAILABLE
+                    tally.inc(attempts(pool.name, member.name, "no_credential"))
+                    continue
             overloaded = None
             if response.status not in COOLING_STATUSES:
                 # (a JSON answer under 500, the common one, has nothing to look at)
                 if response.status >= 500 or response.content_type.startswith(_EVENT_STREAM):
                     overloaded = await _overloaded(response)
                 if overloaded is None:
-                    served, outcome.served_by = self._served[pool.name][index]
-                    outcome.member_id = member.id
-                    tally.inc(served)
+                    self._served_by(pooled, index, outcome)
                     return response, request
             until = await self._cool(pool.name, member.id, pooled, response, overloaded)
             cooled += (until,)
