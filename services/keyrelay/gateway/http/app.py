@@ -37,7 +37,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -125,7 +124,6 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
 )  # fmt: skip
 _JSON: Final = [(b"content-type", b"application/json")]
 _EVENT_STREAM: Final = b"text/event-stream"
-_NOTHING_COOLING: Final[Mapping[str, float]] = MappingProxyType({})
 _MAX_KNOWN_KEYS: Final = 4096
 # The most one send of a stream writes: uvicorn's send waits for its write buffer
 # (64 KiB high-water on uvloop) to drain before writing, so a stream's share of
@@ -582,12 +580,13 @@ class GatewayApp:
         call = _Call(path, route, body, raw, _query(scope), scope["headers"])
         pooled = route.pool
         if pooled is not None:
-            # The common case without the failover machinery (one coroutine less per
-            # request): nothing cools, and the first member is an API key; an answer
-            # that is not plainly the client's goes to _pooled as that member's.
-            tried, credential = self._first_choice(call, pooled)
-            if credential is None or tried is None:
-                response, request = await self._pooled(call, pooled, outcome, tried)
+            # The first member to try is an API key (the common case): it is asked
+            # here, without the failover machinery (one coroutine less per request);
+            # an answer that is not plainly the client's goes to _pooled as its.
+            cooling, tried = self._plan(call, pooled)
+            credential = self._key_credentials[pooled.pool.name][tried[0]] if tried else None
+            if credential is None:
+                response, request = await self._pooled(call, pooled, outcome, cooling, tried)
             else:
                 index = tried[0]
                 outcome.member = pooled.members[index].name
@@ -601,7 +600,7 @@ class GatewayApp:
                     self._served_by(pooled, index, outcome)
                 else:
                     response, request = await self._pooled(
-                        call, pooled, outcome, tried, (response, request)
+                        call, pooled, outcome, cooling, tried, (response, request)
                     )
         else:
             credential = await self._credential(route.mode, route.account, route.api_key)
@@ -661,25 +660,6 @@ class GatewayApp:
             self.metrics.upstream_latency_for(route.upstream.name), outcome.upstream_seconds
         )
         return response, request
-
-    def _first_choice(
-        self, call: _Call, pooled: PoolRoute
-    ) -> tuple[tuple[int, ...] | None, Credential | None]:
-        """The members' order for ``call`` and the first one's API-key credential, when
-        no member cools, no account is disconnected and the auth service answers:
-        then the first member's answer is usually the client's. Else (None, None):
-        ``_pooled`` works it all out."""
-        cooldowns = self.cooldowns
-        assert cooldowns is not None  # a pool needs the limits store (config)
-        pool = pooled.pool
-        tokens = self.tokens
-        now = time.time()
-        if cooldowns.cooling(pool.name, now) or (
-            tokens is not None and (tokens.disconnected or tokens.unreachable_until > now)
-        ):
-            return None, None
-        tried = self._order(pool, call, pool.all_mask)
-        return tried, self._key_credentials[pool.name][tried[0]]
 
     def _plan(self, call: _Call, pooled: PoolRoute) -> tuple[Mapping[str, float], tuple[int, ...]]:
         """The members of the pool cooling now (id -> until), and the order in which
@@ -831,7 +811,8 @@ class GatewayApp:
         call: _Call,
         pooled: PoolRoute,
         outcome: Outcome,
-        tried: tuple[int, ...] | None = None,
+        cooling: Mapping[str, float],
+        tried: tuple[int, ...],
         first: tuple[UpstreamResponse, TransformedRequest] | None = None,
     ) -> tuple[UpstreamResponse, TransformedRequest]:
         """The response of the first member of the pool that serves the request (README,
@@ -839,12 +820,11 @@ class GatewayApp:
         most once, skipping those cooling down or disconnected; a member that answers
         429, 529 or ``overloaded_error`` cools down (shared by every worker) and the
         next one is tried, since nothing has reached the client yet. Any other
-        answer is the client's. None served: 429 with the earliest return."""
+        answer is the client's. None served: 429 with the earliest return.
+        ``cooling`` and ``tried``: ``_plan``'s; ``first``: the first member's answer,
+        when ``_forward`` asked it already."""
         pool = pooled.pool
         tokens = self.tokens
-        cooling: Mapping[str, float] = _NOTHING_COOLING
-        if tried is None:  # (given: _first_choice found nothing cooling)
-            cooling, tried = self._plan(call, pooled)
         attempts, tally = self.metrics.pool_attempts_for, self.metrics.tally
         # What this request met, for its answer if no member serves: the cool-downs
         # it saw or caused (they may have ended by then), and the last refusal.
