@@ -70,8 +70,7 @@ from bench.limits_store import redis_py_store_module  # noqa: E402
 from keyrelay import cli  # noqa: E402
 from keyrelay.gateway.http import app  # noqa: E402
 from keyrelay.gateway.keys import new_key  # noqa: E402
-from keyrelay.gateway.limits_store import acl_rules  # noqa: E402
-from tests.support.redis_server import AclUser, RedisServer, free_port  # noqa: E402
+from tests.support.redis_server import RedisServer, free_port, gateway_user  # noqa: E402
 
 PREFIX = "bench:"
 RATIO_TARGET = 0.8  # limited req/s per core at c=32 / the same route without limits
@@ -242,7 +241,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     redis = RedisServer(
         tmp / "redis",
         extra_args=("--appendonly", "no"),
-        acl_user=AclUser("gateway", password, rules=acl_rules(PREFIX, password)),
+        acl_user=gateway_user(PREFIX, password),
     ).start()
     stack.callback(redis.stop)
     load = LoadGenerator(args.load_procs)

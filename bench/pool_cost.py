@@ -95,10 +95,9 @@ from bench.gateway_limits import (  # noqa: E402
 from keyrelay.gateway.config import load_gateway_config  # noqa: E402
 from keyrelay.gateway.http.app import GatewayApp, Message  # noqa: E402
 from keyrelay.gateway.keys import new_key  # noqa: E402
-from keyrelay.gateway.limits_store import acl_rules  # noqa: E402
 from keyrelay.gateway.server import build_app  # noqa: E402
 from keyrelay.logs import LineWriter, configure_logging  # noqa: E402
-from tests.support.redis_server import AclUser, RedisServer  # noqa: E402
+from tests.support.redis_server import RedisServer, gateway_user  # noqa: E402
 
 PLAIN, POOLED = "plain", "pooled"  # the routes, also the names of their keys
 ROUTES = (PLAIN, POOLED)
@@ -434,7 +433,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     redis = RedisServer(
         tmp / "redis",
         extra_args=("--appendonly", "no"),
-        acl_user=AclUser("gateway", password, rules=acl_rules(PREFIX, password)),
+        acl_user=gateway_user(PREFIX, password),
     )
     stack.callback(redis.stop)
     redis.start()

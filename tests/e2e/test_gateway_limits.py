@@ -32,7 +32,7 @@ import pytest
 from keyrelay.gateway.config import parse_gateway_config
 from keyrelay.gateway.core.ratelimit import window
 from keyrelay.gateway.keys import key_hash, new_key
-from keyrelay.gateway.limits_store import LimitsStore, UsageRecord, acl_rules
+from keyrelay.gateway.limits_store import LimitsStore, UsageRecord
 from keyrelay.limit_rules import Period
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import (
@@ -41,11 +41,11 @@ from tests.support.gateway import (
     gateway_env,
     start_gateway,
 )
-from tests.support.redis_server import AclUser, RedisServer
+from tests.support.redis_server import RedisServer, gateway_user
 
 PREFIX = "gwl:"
 PASSWORD = "gateway-limits-secret"
-GATEWAY_USER = AclUser("gateway", PASSWORD, rules=acl_rules(PREFIX, PASSWORD))
+GATEWAY_USER = gateway_user(PREFIX, PASSWORD)
 SIMPLE: dict[str, Any] = {
     "model": "claude-test-1",
     "max_tokens": 10,

@@ -318,6 +318,14 @@ def stream_pool(
     return data, key, member_of(keys), keys
 
 
+def streamed(key: str) -> dict[str, Any]:
+    """An httpx request's body and headers: a streamed message for gateway ``key``."""
+    return {
+        "json": {**SIMPLE, "stream": True},
+        "headers": {"x-api-key": key, "anthropic-version": "2023-06-01"},
+    }
+
+
 async def test_a_client_that_leaves_while_the_headers_wait_frees_the_upstream_connection(
     tmp_path: Path, limits_redis: RedisServer, upstream: FakeUpstream
 ) -> None:
@@ -334,8 +342,7 @@ async def test_a_client_that_leaves_while_the_headers_wait_frees_the_upstream_co
             request = asyncio.create_task(
                 http.post(
                     "/v1/messages",
-                    json={**SIMPLE, "stream": True},
-                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                    **streamed(key),
                 )
             )
             await eventually("the upstream answered", lambda: pools.stats()[0].in_use == 1)
@@ -357,11 +364,11 @@ async def test_an_overload_event_cools_its_member_when_the_client_hangs_up_on_it
     ends (here 0.5 s later): the member cools down all the same."""
     data, key, member, keys = stream_pool(tmp_path, limits_redis, upstream, "hang-up")
     gateway = await in_process(data)
-    upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
-        200, MESSAGE_START + OVERLOADED_EVENT + b": end\n\n", content_type="text/event-stream"
-    )
-    cut = len(MESSAGE_START + OVERLOADED_EVENT)
     overloaded = MESSAGE_START + OVERLOADED_EVENT
+    cut = len(overloaded)
+    upstream.by_api_key[keys["m1"]] = lambda _: Scripted(
+        200, overloaded + b": end\n\n", content_type="text/event-stream"
+    )
     upstream.chunker = lambda body: (
         [body[:cut], body[cut:]] if body.startswith(overloaded) else [body]
     )
@@ -397,8 +404,7 @@ async def test_a_stream_that_breaks_before_its_first_event_gets_an_error_status(
         async with httpx.AsyncClient(base_url=gateway.url) as http:
             response = await http.post(
                 "/v1/messages",
-                json={**SIMPLE, "stream": True},
-                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                **streamed(key),
             )
         assert response.status_code == 502
         assert response.headers["content-type"] == "application/json"
@@ -424,8 +430,7 @@ async def test_comments_trickling_before_the_first_event_hold_the_headers_no_lon
             async with http.stream(
                 "POST",
                 "/v1/messages",
-                json={**SIMPLE, "stream": True},
-                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                **streamed(key),
             ) as response:
                 headers_after = time.monotonic() - started
                 body = b"".join([chunk async for chunk in response.aiter_bytes()])

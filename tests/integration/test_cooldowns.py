@@ -28,14 +28,13 @@ from keyrelay.gateway.cooldowns import (
     cool_key,
     parse_until,
 )
-from keyrelay.gateway.limits_store import acl_rules
 from keyrelay.gateway.resp_client import RespClient
-from tests.support.redis_server import AclUser, RedisServer
+from tests.support.redis_server import RedisServer, gateway_user
 
 PREFIX = "cd:"
 BASE = f"{PREFIX}limits:"
 PASSWORD = "gw-secret"
-GATEWAY_USER = AclUser("gateway", PASSWORD, rules=acl_rules(PREFIX, PASSWORD))
+GATEWAY_USER = gateway_user(PREFIX, PASSWORD)
 LOGGER = "keyrelay.gateway.cooldowns"
 
 

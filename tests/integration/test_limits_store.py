@@ -36,12 +36,12 @@ from keyrelay.gateway.limits_store import (
     acl_rules,
 )
 from keyrelay.limit_rules import Budget, BudgetUnit, Limits, Period
-from tests.support.redis_server import AclUser, RedisServer
+from tests.support.redis_server import RedisServer, gateway_user
 from tests.support.tcp_proxy import ReplyDroppingProxy
 
 PREFIX = "lt:"
 PASSWORD = "gw-secret"
-GATEWAY_USER = AclUser("gateway", PASSWORD, rules=acl_rules(PREFIX, PASSWORD))
+GATEWAY_USER = gateway_user(PREFIX, PASSWORD)
 # The start of a real minute, so expiries (durations from now) are what they are in use.
 NOW = float((int(time.time()) // 60 + 1) * 60)
 

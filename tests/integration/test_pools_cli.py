@@ -25,7 +25,6 @@ import tomli_w
 
 from keyrelay.gateway.config import load_gateway_config
 from keyrelay.gateway.cooldowns import CoolDowns, cool_key
-from keyrelay.gateway.limits_store import acl_rules
 from keyrelay.gateway.pool_status import (
     MemberState,
     StoreUnreachable,
@@ -34,11 +33,11 @@ from keyrelay.gateway.pool_status import (
     read_pools,
 )
 from keyrelay.gateway.resp_client import RespClient
-from tests.support.redis_server import AclUser, RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port, gateway_user
 
 PREFIX = "poolcli:"
 PASSWORD = "gw-pools-secret"
-GATEWAY_USER = AclUser("gateway", PASSWORD, rules=acl_rules(PREFIX, PASSWORD))
+GATEWAY_USER = gateway_user(PREFIX, PASSWORD)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,12 @@ import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
 from keyrelay.auth.rpc.server import RunningServer, start_server
-from keyrelay.gateway.limits_store import acl_rules
 from tests.e2e.test_gateway_limits import PASSWORD, url_file
 from tests.integration.test_web_browser import browser, screenshot
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess, gateway_config_data
 from tests.support.oidc import OidcServer, complete_login
-from tests.support.redis_server import AclUser, RedisServer
+from tests.support.redis_server import RedisServer, gateway_user
 from tests.support.stack import ADMIN_TOKEN, PROVIDER
 from tests.support.web import web_config
 
@@ -48,7 +47,7 @@ LIVE_WITHIN = 2.0  # seconds; the issue's bound is 1 s, measured by tests/e2e
 @pytest.fixture(scope="module")
 def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The auth service's Redis, with the gateway's ACL user for ``PREFIX``."""
-    user = AclUser("gateway", PASSWORD, rules=acl_rules(PREFIX, PASSWORD))
+    user = gateway_user(PREFIX, PASSWORD)
     server = RedisServer(tmp_path_factory.mktemp("web-keys"), acl_user=user).start()
     yield server
     server.stop()

@@ -135,6 +135,14 @@ class AclUser:
         ]
 
 
+def gateway_user(prefix: str, password: str) -> AclUser:
+    """The gateway's Redis user for the limits store under ``prefix``: its ACL rules
+    as the gateway documents them (``limits_store.acl_rules``), nothing more."""
+    from keyrelay.gateway.limits_store import acl_rules
+
+    return AclUser("gateway", password, rules=acl_rules(prefix, password))
+
+
 class RedisServer(_Process):
     """``extra_args`` go after the defaults, e.g. ``("--replicaof", "127.0.0.1", "6379")``.
     ``acl_user``: a user created at every start (``acl_url``)."""
